@@ -1,0 +1,3 @@
+from fmb.cli import main
+
+main()

@@ -1,0 +1,256 @@
+"""The `fmb` command. Heavy imports (torch, families) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fmb.errors import EXIT_OK, EXIT_RUNTIME, EXIT_STOPPED, FmbError
+from fmb.models import family_names, family_summaries
+
+app = typer.Typer(
+    name="fmb",
+    help="Foundation Models Benchmark: retrain and compare astronomy foundation models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: synthetic data in the real formats.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+
+def _models_help() -> str:
+    summaries = family_summaries()
+    if not summaries:
+        return "Model family."
+    return "Model family: " + "; ".join(f"{name} ({text})" for name, text in summaries.items()) + "."
+
+
+ModelArg = Annotated[str, typer.Argument(help=_models_help(), show_default=False)]
+ConfigOpt = Annotated[list[str], typer.Option("--config", "-c", help="Extra YAML config file (repeatable, later wins).")]
+SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="Override: dotted.key=value (repeatable).")]
+PathsOpt = Annotated[str | None, typer.Option("--paths", help="paths_local.yaml to use (default: $FMB_PATHS, ./, repo root).")]
+DemoOpt = Annotated[bool, typer.Option("--demo", help="Train on built-in synthetic data with the small demo recipe.")]
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    level = logging.DEBUG if debug else logging.INFO
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    _setup_logging(level if rank == 0 else logging.WARNING)
+
+
+def _setup_logging(level: int) -> None:
+    logger = logging.getLogger("fmb")
+    logger.setLevel(level)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("[fmb] %(message)s"))
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines above an active progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _run_request(model: str, config: list[str], sets: list[str], demo: bool, paths: str | None, **flags):
+    from fmb.recipes import RunRequest
+
+    return RunRequest(model=model, config_files=config or [], sets=sets or [], flags=flags, demo=demo, paths=paths)
+
+
+@app.command()
+def retrain(
+    model: ModelArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (checkpoints, metrics, logs).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training split (instead of --max-steps).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-process micro-batch size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (weights, data order).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in the run directory.")] = False,
+    demo: DemoOpt = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    paths: PathsOpt = None,
+) -> None:
+    """Train (or fine-tune) a model family. Exit code 75: stopped by a signal, resume with --resume."""
+    from fmb.models import get_family
+    from fmb.recipes import load_run_config
+
+    family = get_family(model)
+    request = _run_request(model, config, set_, demo, paths, out=out, max_steps=max_steps, epochs=epochs,
+                           batch_size=batch_size, lr=lr, device=device, seed=seed)
+    run_config, _ = load_run_config(request, family.trainer.config_cls)
+    if no_progress:
+        run_config.train.progress = False
+    result = family.trainer(run_config).fit(resume=resume)
+    logging.getLogger("fmb").info(f"{result.status} at step {result.step}; run directory {result.run_dir}")
+    if result.status == "stopped":
+        raise typer.Exit(EXIT_STOPPED)
+
+
+@config_app.command("show")
+def config_show(
+    model: ModelArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    demo: DemoOpt = False,
+    paths: PathsOpt = None,
+) -> None:
+    """Print the fully resolved configuration of a run as YAML."""
+    from fmb.config import to_yaml
+    from fmb.models import get_family
+    from fmb.recipes import load_run_config
+
+    family = get_family(model)
+    run_config, _ = load_run_config(_run_request(model, config, set_, demo, paths), family.trainer.config_cls)
+    typer.echo(to_yaml(run_config), nl=False)
+
+
+@app.command("paths")
+def paths_cmd(paths: PathsOpt = None) -> None:
+    """Show which paths_local.yaml is used and whether each entry exists."""
+    from fmb.paths import find_paths_file
+
+    found = find_paths_file(paths)
+    if found.file is None:
+        typer.echo("no paths_local.yaml found; searched:\n  " + "\n  ".join(found.searched))
+        return
+    typer.echo(f"paths file: {found.file}")
+    for name, value in found.resolved().items():
+        state = "not set" if value is None else ("ok" if Path(value).exists() else "missing")
+        typer.echo(f"  {name:<20} {state:<8} {value or ''}")
+
+
+@data_app.command("synth")
+def data_synth(
+    kind: Annotated[str, typer.Argument(help="Kind of synthetic data (see `fmb data kinds`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
+    n: Annotated[int, typer.Option("-n", help="Number of objects.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write synthetic data in the exact schema of a real dataset (latent truth stored as columns)."""
+    from fmb.data.synth import write_synthetic
+
+    path = write_synthetic(kind, out, n, seed)
+    typer.echo(f"wrote {n} objects of '{kind}' to {path}")
+
+
+@data_app.command("kinds")
+def data_kinds() -> None:
+    """List the synthetic data kinds."""
+    from fmb.data.synth import SYNTH_KINDS
+
+    for name, (_, summary) in sorted(SYNTH_KINDS.items()):
+        typer.echo(f"{name:<16} {summary}")
+
+
+@app.command()
+def convert(
+    model: ModelArg,
+    src: Annotated[Path, typer.Argument(help="Upstream checkpoint file or directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="fmb checkpoint directory to write.")],
+) -> None:
+    """Turn an upstream checkpoint into an fmb checkpoint directory."""
+    from fmb.errors import ConfigError
+    from fmb.models import get_family
+
+    family = get_family(model)
+    if family.convert is None:
+        raise ConfigError(f"'{model}' has no upstream checkpoint converter")
+    if not src.exists():
+        raise ConfigError(f"no such file or directory: {src}")
+    written = family.convert(src, out)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def embed(
+    model: ModelArg,
+    checkpoint: Annotated[Path, typer.Option(help="fmb checkpoint directory (a step_* directory or a run directory).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
+    data: Annotated[str | None, typer.Option(help="Data to embed (default: the validation split of the checkpoint's dataset).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    set_: SetOpt = None,
+) -> None:
+    """Write per-object embeddings of a trained model to parquet."""
+    from fmb.errors import ConfigError
+    from fmb.models import get_family
+
+    family = get_family(model)
+    if family.embed is None:
+        raise ConfigError(f"'{model}' has no embedding export yet")
+    written = family.embed(checkpoint, data, out, {"batch_size": batch_size, "device": device, "set": set_ or []})
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def doctor(paths: PathsOpt = None) -> None:
+    """Check the installation: torch, devices, optional extras, externals and dataset paths."""
+    import torch
+
+    from fmb import __version__
+    from fmb.paths import find_paths_file, repo_root
+
+    typer.echo(f"fmb {__version__} | python {sys.version.split()[0]} | torch {torch.__version__}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            typer.echo(f"  cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB (CUDA {torch.version.cuda})")
+    else:
+        typer.echo(f"  CUDA: not available; CPU threads {torch.get_num_threads()}")
+    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "astropt (parity)": "astropt",
+              "aion (parity)": "aion", "pytest (dev)": "pytest"}
+    for label, module in extras.items():
+        typer.echo(f"  extra {label:<18} {'installed' if importlib.util.find_spec(module) else 'not installed'}")
+    root = repo_root()
+    external = root / "external" if root else None
+    if external and external.is_dir():
+        for child in sorted(external.iterdir()):
+            filled = child.is_dir() and any(child.iterdir())
+            typer.echo(f"  external/{child.name:<14} {'present' if filled else 'empty (git submodule update --init)'}")
+    else:
+        typer.echo("  external/: none (optional upstream code)")
+    typer.echo(f"  models: {', '.join(family_names()) or 'none'}")
+    found = find_paths_file(paths)
+    typer.echo(f"  paths file: {found.file or 'none found'}")
+    for name, value in found.resolved().items():
+        state = "not set" if value is None else ("ok" if Path(value).exists() else "MISSING")
+        typer.echo(f"    {name:<18} {state:<8} {value or ''}")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        app(prog_name="fmb")
+    except FmbError as exc:
+        if debug:
+            raise
+        typer.echo(f"fmb: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("fmb: interrupted", err=True)
+        sys.exit(EXIT_RUNTIME)
+    sys.exit(EXIT_OK)

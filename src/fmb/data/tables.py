@@ -1,0 +1,207 @@
+"""Row access to parquet files/directories and HuggingFace `save_to_disk` Arrow directories.
+
+pyarrow only (no `datasets` package). Only the requested columns are read. Arrow files are
+memory-mapped (zero copy); parquet row groups are decoded on demand and a few are kept.
+Handles are opened lazily in each process, so a source can be handed to DataLoader workers.
+
+Layouts understood for `split`:
+- a `.parquet` or `.arrow` file (the split name is not used);
+- `save_to_disk` DatasetDict: `<dir>/dataset_dict.json` and `<dir>/<split>/state.json`;
+- `save_to_disk` Dataset: `<dir>/state.json` (a single split);
+- parquet shards: `<dir>/<split>/*.parquet`, `<dir>/data/<split>-*.parquet` or `<dir>/<split>-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fmb.errors import DataError
+
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}")
+
+
+def available_splits(root: Path) -> list[str]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if (root / "dataset_dict.json").is_file():
+        return json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+    names = {p.name for p in root.iterdir() if p.is_dir() and p.name != "data"
+             and (any(p.glob("*.parquet")) or (p / "state.json").is_file())}
+    for folder in (root, root / "data"):
+        for file in folder.glob("*.parquet"):
+            match = _SHARD.match(file.name)
+            names.add(match.group("split") if match else file.stem.split("-")[0])
+    return sorted(names)
+
+
+def resolve_files(path: str | Path, split: str | None) -> list[Path]:
+    """The data files of one split, in order."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data path does not exist: {root}")
+    if root.is_file():
+        return [root]
+    if (root / "dataset_dict.json").is_file():
+        if split is None:
+            raise DataError(f"{root} holds several splits ({', '.join(available_splits(root))}); name one")
+        root = root / split
+        if not root.is_dir():
+            raise DataError(f"split '{split}' not found in {root.parent}; available: {', '.join(available_splits(root.parent))}")
+    if (root / "state.json").is_file():
+        state = json.loads((root / "state.json").read_text())
+        files = [root / entry["filename"] for entry in state.get("_data_files", [])]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing or not files:
+            raise DataError(f"{root / 'state.json'} lists data files that are missing: {missing or 'none listed'}")
+        return files
+    if split is None:
+        files = sorted(root.rglob("*.parquet"))
+    else:
+        files = sorted((root / split).glob("*.parquet"))
+        for folder in (root / "data", root):
+            files = files or sorted(f for f in folder.glob(f"{split}-*.parquet") if _split_of(f) == split)
+            files = files or sorted(folder.glob(f"{split}.parquet"))
+    if not files:
+        splits = available_splits(root)
+        what = f"split '{split}'" if split else "parquet files"
+        raise DataError(f"no {what} found in {root}" + (f"; available splits: {', '.join(splits)}" if splits else ""))
+    return files
+
+
+def _split_of(file: Path) -> str:
+    match = _SHARD.match(file.name)
+    return match.group("split") if match else file.stem.split("-")[0]
+
+
+class TableSource:
+    """Random access by row to selected columns of one split.
+
+    `row(i)` returns a dict: scalars as Python values, lists as NumPy arrays (nested lists as
+    2-D arrays), structs as dicts, binary as bytes, nulls as None.
+    """
+
+    def __init__(self, path: str | Path, columns: list[str], split: str | None = None, cache_row_groups: int = 4) -> None:
+        self.path = Path(path)
+        self.split = split
+        self.columns = list(columns)
+        self.files = resolve_files(self.path, split)
+        self.cache_size = cache_row_groups
+        self._chunks: list[tuple[int, int]] = []  # (file index, row group) per chunk; -1 row group = whole Arrow file
+        self._starts: list[int] = []
+        total = 0
+        for index, file in enumerate(self.files):
+            schema, counts = _inspect(file)
+            missing = [c for c in self.columns if c not in schema.names]
+            if missing:
+                raise DataError(f"{file}: missing column(s) {', '.join(missing)}; it has: {', '.join(schema.names)}")
+            for group, count in enumerate(counts):
+                if count:
+                    self._chunks.append((index, group if file.suffix == ".parquet" else -1))
+                    self._starts.append(total)
+                    total += count
+        self._length = total
+        self._pid: int | None = None
+        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
+        self._arrow: dict[int, pa.Table] = {}
+        self._parquet: dict[int, pq.ParquetFile] = {}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_pid=None, _cache=OrderedDict(), _arrow={}, _parquet={})
+        return state
+
+    def _chunk_table(self, chunk: int) -> pa.Table:
+        if self._pid != os.getpid():  # a new process (DataLoader worker): drop inherited handles
+            self._pid, self._cache, self._arrow, self._parquet = os.getpid(), OrderedDict(), {}, {}
+        file_index, group = self._chunks[chunk]
+        if group < 0:
+            if file_index not in self._arrow:
+                self._arrow[file_index] = _read_arrow(self.files[file_index]).select(self.columns)
+            return self._arrow[file_index]
+        if chunk in self._cache:
+            self._cache.move_to_end(chunk)
+            return self._cache[chunk]
+        if file_index not in self._parquet:
+            self._parquet[file_index] = pq.ParquetFile(self.files[file_index], memory_map=True)
+        table = self._parquet[file_index].read_row_group(group, columns=self.columns)
+        self._cache[chunk] = table
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return table
+
+    def locate(self, index: int) -> tuple[Path, int]:
+        """(file, row within file) of a global row index, for error messages."""
+        chunk = bisect.bisect_right(self._starts, index) - 1
+        file_index, group = self._chunks[chunk]
+        first_of_file = next(s for s, (f, _) in zip(self._starts, self._chunks, strict=False) if f == file_index)
+        return self.files[file_index], index - first_of_file
+
+    def row(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self._length:
+            raise IndexError(f"row {index} out of range for {self._length} rows in {self.path}")
+        chunk = bisect.bisect_right(self._starts, index) - 1
+        table = self._chunk_table(chunk)
+        offset = index - self._starts[chunk]
+        return {name: to_numpy_value(table.column(name).slice(offset, 1).combine_chunks()) for name in self.columns}
+
+    def column(self, name: str) -> np.ndarray:
+        """One whole scalar column (ids, redshifts) as an array, reading only that column."""
+        parts = []
+        for file in self.files:
+            table = _read_arrow(file).select([name]) if file.suffix != ".parquet" else pq.read_table(file, columns=[name], memory_map=True)
+            parts.append(table.column(name).to_numpy(zero_copy_only=False))
+        return np.concatenate(parts) if parts else np.array([])
+
+
+def _inspect(file: Path) -> tuple[pa.Schema, list[int]]:
+    try:
+        if file.suffix == ".parquet":
+            meta = pq.ParquetFile(file).metadata
+            return meta.schema.to_arrow_schema(), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        table = _read_arrow(file)
+        return table.schema, [table.num_rows]
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read {file}: {exc}") from None
+
+
+def _read_arrow(file: Path) -> pa.Table:
+    """A memory-mapped Arrow IPC file (`save_to_disk` writes the stream format)."""
+    source = pa.memory_map(str(file), "r")
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(source).read_all()
+
+
+def to_numpy_value(array: pa.Array) -> Any:
+    """Convert a one-element Arrow array to Python/NumPy (see TableSource.row)."""
+    if array.null_count:
+        return None
+    kind = array.type
+    if pa.types.is_struct(kind):
+        return {kind.field(i).name: to_numpy_value(child) for i, child in enumerate(array.flatten())}
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        values = array.flatten()
+        inner = values.type
+        if pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
+            rows = len(values)
+            flat = values.flatten()
+            if rows and len(flat) % rows == 0 and values.null_count == 0:
+                return flat.to_numpy(zero_copy_only=False).reshape(rows, -1)
+            return [to_numpy_value(values.slice(i, 1)) for i in range(rows)]
+        return values.to_numpy(zero_copy_only=False)
+    return array[0].as_py()

@@ -1,0 +1,82 @@
+"""Data loading for the trainer: a resumable DistributedSampler, evaluation shards, device copies.
+
+Sample order depends only on (seed, epoch): the sampler and each DataLoader get their own
+generators, so nothing here draws from the global RNG and a resumed run sees the same
+batches as an uninterrupted one. Datasets that need randomness (augmentations, crops)
+implement `set_epoch(epoch)` and seed per sample from (seed, epoch, index).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way through an epoch (after `start` samples)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_start(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Every rank gets indices rank, rank + world, ...: no padding, so metrics count each sample once."""
+
+    def __init__(self, length: int, rank: int, world_size: int, limit: int | None = None) -> None:
+        self.indices = list(range(rank, length, world_size))
+        if limit is not None:
+            self.indices = self.indices[:limit]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable | None,
+    pin_memory: bool,
+    drop_last: bool,
+    seed: int,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False,  # workers are re-created per epoch so dataset.set_epoch reaches them
+    )
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Copy tensors (recursively through dicts, lists, tuples) without blocking the host."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

@@ -1,0 +1,138 @@
+"""Readers for parquet, save_to_disk Arrow directories and HDF5; hold-out splits."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from torch.utils.data import DataLoader, Dataset
+
+from fmb.data.hdf5 import HDF5Source
+from fmb.data.splits import holdout_mask
+from fmb.data.tables import TableSource, available_splits
+from fmb.errors import DataError
+
+
+def make_table(n: int, start: int = 0) -> pa.Table:
+    ids = np.arange(start, start + n, dtype=np.int64)
+    spectra = [{"flux": list(np.full(5, i, np.float32)), "wavelength": list(np.arange(5.0)), "error": None}
+               for i in ids]
+    images = [np.full((3, 4), i, np.float32).tolist() for i in ids]
+    return pa.table({
+        "object_id": ids,
+        "redshift": ids / 100.0,
+        "spectrum": pa.array(spectra, type=pa.struct([("flux", pa.list_(pa.float32())), ("wavelength", pa.list_(pa.float64())),
+                                                      ("error", pa.list_(pa.float32()))])),
+        "VIS_image": pa.array(images, type=pa.list_(pa.list_(pa.float32()))),
+        "RGB_image": pa.array([{"bytes": bytes([i % 256]), "path": None} for i in ids],
+                              type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+    })
+
+
+def write_save_to_disk(root, splits: dict[str, pa.Table]) -> None:
+    root.mkdir(parents=True)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
+    for name, table in splits.items():
+        folder = root / name
+        folder.mkdir()
+        files = []
+        for k, start in enumerate(range(0, table.num_rows, 7)):
+            filename = f"data-{k:05d}-of-00099.arrow"
+            with pa.OSFile(str(folder / filename), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table.slice(start, 7))
+            files.append({"filename": filename})
+        (folder / "state.json").write_text(json.dumps({"_data_files": files, "_split": name}))
+        (folder / "dataset_info.json").write_text("{}")
+
+
+def test_parquet_shards_by_split_with_projection(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(make_table(10, 0), data / "train-00000-of-00002.parquet", row_group_size=4)
+    pq.write_table(make_table(5, 10), data / "train-00001-of-00002.parquet", row_group_size=4)
+    pq.write_table(make_table(3, 100), data / "test-00000-of-00001.parquet")
+    assert available_splits(tmp_path) == ["test", "train"]
+    source = TableSource(tmp_path, ["object_id", "spectrum", "VIS_image"], split="train")
+    assert len(source) == 15
+    row = source.row(12)
+    assert row["object_id"] == 12 and "redshift" not in row
+    np.testing.assert_array_equal(row["spectrum"]["flux"], np.full(5, 12, np.float32))
+    assert row["spectrum"]["error"] is None
+    assert row["VIS_image"].shape == (3, 4) and row["VIS_image"][0, 0] == 12
+    assert TableSource(tmp_path, ["object_id"], split="test").row(2)["object_id"] == 102
+    np.testing.assert_array_equal(source.column("object_id"), np.arange(15))
+    with pytest.raises(DataError, match=r"no split 'validation' found.*available splits: test, train"):
+        TableSource(tmp_path, ["object_id"], split="validation")
+
+
+def test_save_to_disk_directory_is_memory_mapped(tmp_path):
+    write_save_to_disk(tmp_path / "ds", {"train": make_table(20), "test": make_table(4, 50)})
+    source = TableSource(tmp_path / "ds", ["object_id", "RGB_image", "redshift"], split="train")
+    assert len(source) == 20 and len(source.files) == 3
+    row = source.row(15)
+    assert row["object_id"] == 15 and row["RGB_image"]["bytes"] == bytes([15]) and row["redshift"] == 0.15
+    assert TableSource(tmp_path / "ds" / "test", ["object_id"]).row(0)["object_id"] == 50
+    with pytest.raises(DataError, match="split 'val' not found"):
+        TableSource(tmp_path / "ds", ["object_id"], split="val")
+
+
+def test_missing_column_and_path_errors(tmp_path):
+    pq.write_table(make_table(3), tmp_path / "one.parquet")
+    with pytest.raises(DataError, match=r"one\.parquet: missing column\(s\) NISP_H_image; it has: object_id"):
+        TableSource(tmp_path / "one.parquet", ["object_id", "NISP_H_image"])
+    with pytest.raises(DataError, match="data path does not exist"):
+        TableSource(tmp_path / "nowhere", ["object_id"])
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read .*junk.parquet"):
+        TableSource(tmp_path / "junk.parquet", ["object_id"])
+
+
+class _Rows(Dataset):
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return self.source.row(i)["object_id"]
+
+
+def test_sources_work_in_dataloader_workers(tmp_path):
+    pq.write_table(make_table(12), tmp_path / "t.parquet", row_group_size=5)
+    source = TableSource(tmp_path / "t.parquet", ["object_id"])
+    source.row(0)  # open handles in the parent first
+    pickle.dumps(source)
+    loader = DataLoader(_Rows(source), batch_size=4, num_workers=2)
+    assert sorted(int(x) for batch in loader for x in batch) == list(range(12))
+
+
+def test_hdf5_groups_fraction_and_missing_field(tmp_path):
+    path = tmp_path / "x.h5"
+    with h5py.File(path, "w") as f:
+        for g, n in (("0", 10), ("1", 5)):
+            grp = f.create_group(g)
+            grp["targetid"] = np.arange(n) + 100 * int(g)
+            grp["spectrum"] = np.random.rand(n, 7, 1).astype(np.float32)
+    train = HDF5Source(path, ["targetid", "spectrum"], fraction=(0.0, 0.8))
+    test = HDF5Source(path, ["targetid"], fraction=(0.8, 1.0))
+    assert len(train) == 8 + 4 and len(test) == 2 + 1
+    assert train.row(9)["targetid"] == 101 and train.row(0)["spectrum"].shape == (7, 1)
+    assert [int(test.row(i)["targetid"]) for i in range(3)] == [8, 9, 104]
+    with pytest.raises(DataError, match=r"group '0' has no field\(s\) image"):
+        HDF5Source(path, ["image"])
+    with pytest.raises(DataError, match="does not exist"):
+        HDF5Source(tmp_path / "none.h5", ["image"])
+
+
+def test_holdout_is_stable_and_close_to_fraction():
+    ids = np.arange(20000, dtype=np.int64) * 7919
+    mask = holdout_mask(ids, 0.1)
+    assert abs(mask.mean() - 0.1) < 0.01
+    np.testing.assert_array_equal(holdout_mask(ids[::-1], 0.1), mask[::-1])  # order-independent
+    assert not holdout_mask(ids, 0.0).any()

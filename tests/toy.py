@@ -1,0 +1,104 @@
+"""A tiny real family for testing the training core: an MLP regressing a planted linear target."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from fmb.models import Family
+from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+
+
+@dataclass
+class ToyModelConfig:
+    hidden: int = 16
+    dropout: float = 0.0
+
+
+@dataclass
+class ToyDataConfig:
+    n_train: int = 64
+    n_val: int = 16
+    nan_from_step: int | None = None  # make the loss NaN from this optimizer step on
+    kill_at_step: int | None = None  # send SIGTERM to this process during this step
+    noise: float = 0.01
+
+
+@dataclass
+class ToyConfig(BaseTrainingConfig):
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    data: ToyDataConfig = field(default_factory=ToyDataConfig)
+
+
+class ToyDataset(Dataset):
+    def __init__(self, n: int, seed: int, noise: float) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=gen)
+        weight = torch.arange(1, 9, dtype=torch.float32) / 8
+        self.y = self.x @ weight + noise * torch.randn(n, generator=gen)
+        self.ids = torch.arange(n) + 1000 * seed
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "y": self.y[i], "object_id": self.ids[i]}
+
+
+class ToyModel(nn.Module):
+    def __init__(self, cfg: ToyModelConfig) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+                                 nn.LayerNorm(cfg.hidden), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class ToyTrainer(BaseTrainer):
+    family = "toy"
+    config_cls = ToyConfig
+    calls = 0
+
+    def build_model(self) -> nn.Module:
+        return ToyModel(self.config.model)
+
+    def build_datasets(self):
+        data = self.config.data
+        return ToyDataset(data.n_train, 1, data.noise), ToyDataset(data.n_val, 2, data.noise)
+
+    def compute_loss(self, model, batch) -> StepOutput:
+        data = self.config.data
+        step = self.progress.step
+        if data.kill_at_step is not None and step == data.kill_at_step and model.training:
+            os.kill(os.getpid(), signal.SIGTERM)
+        pred = model(batch["x"])
+        if data.nan_from_step is not None and step >= data.nan_from_step and model.training:
+            pred = pred * float("nan")
+        loss = torch.mean((pred.float() - batch["y"]) ** 2)
+        return StepOutput(loss=loss, components={"mae": (pred.float() - batch["y"]).abs().mean()},
+                          n_samples=len(batch["y"]))
+
+
+FAMILY = Family(name="toy", summary="test MLP", trainer=ToyTrainer)
+
+
+def toy_config(out, **train) -> ToyConfig:
+    cfg = ToyConfig()
+    cfg.train.out = str(out)
+    cfg.train.num_workers = 0
+    cfg.train.progress = False
+    cfg.train.log_every = 1
+    cfg.train.eval_every = 1000
+    cfg.train.checkpoint.every = 1000
+    cfg.train.max_steps = 8
+    cfg.train.batch_size = 8
+    cfg.train.optim.lr = 1e-2
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
