@@ -191,6 +191,7 @@ def embed(
     checkpoint: Annotated[Path, typer.Option(help="fmb checkpoint directory (a step_* directory or a run directory).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
     data: Annotated[str | None, typer.Option(help="Data to embed (default: the validation split of the checkpoint's dataset).")] = None,
+    split: Annotated[str | None, typer.Option(help="Split of --data (or of the checkpoint's dataset) to embed.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     set_: SetOpt = None,
@@ -202,7 +203,8 @@ def embed(
     family = get_family(model)
     if family.embed is None:
         raise ConfigError(f"'{model}' has no embedding export yet")
-    written = family.embed(checkpoint, data, out, {"batch_size": batch_size, "device": device, "set": set_ or []})
+    options = {"batch_size": batch_size, "device": device, "split": split, "set": set_ or []}
+    written = family.embed(checkpoint, data, out, options)
     typer.echo(f"wrote {written}")
 
 

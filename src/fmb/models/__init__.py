@@ -33,7 +33,9 @@ class Family:
 
 
 # name -> ("module:attribute", one-line summary)
-BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {}
+BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
+    "astropt": ("fmb.models.astropt:FAMILY", "multimodal patch-GPT on Euclid images + DESI spectra"),
+}
 
 _registered: dict[str, Family] = {}
 

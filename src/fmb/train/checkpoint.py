@@ -133,6 +133,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory itself, or in a run directory the best one (else the newest)."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    best = path / "checkpoints" / "best.json"
+    if best.is_file():
+        candidate = path / "checkpoints" / json.loads(best.read_text())["dir"]
+        if (candidate / META_FILE).is_file():
+            return candidate
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"no fmb checkpoint at {path} (expected meta.json there, or a run directory with checkpoints/)")
+    return latest
+
+
 class CheckpointWriter:
     """Writes step directories atomically and applies retention (last K plus the best)."""
 

@@ -75,6 +75,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
 
     eval_every: int = 500
+    eval_at_start: bool = False  # validate once before the first step (a baseline for the curve)
     eval_max_batches: int | None = None  # per process; None: the whole validation split
     log_every: int = 50
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

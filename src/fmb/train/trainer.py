@@ -209,6 +209,8 @@ class BaseTrainer:
         self._setup_run_dir()
         self._setup_precision()
         self.prepare()
+        if self.dist.is_main:  # after prepare(), which may fill in paths (demo data)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
 
         train_set, val_set = self.build_datasets()
         if len(train_set) == 0:
@@ -271,6 +273,8 @@ class BaseTrainer:
         interval_start = time.perf_counter()
         interval = {"steps": 0, "samples": 0, "tokens": 0, "data_wait": 0.0}
         batches = self._batches()
+        if cfg.eval_at_start and self.val_loader is not None and prog.step == 0:
+            metrics = self._validate()
 
         with StopRequest() as stop:
             while prog.step < self.total_steps:
@@ -554,7 +558,6 @@ class BaseTrainer:
     def _setup_run_dir(self) -> None:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         barrier(self.dist)
         self._log_handler = None
         if self.dist.is_main:

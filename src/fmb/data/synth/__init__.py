@@ -12,7 +12,9 @@ from pathlib import Path
 from fmb.errors import ConfigError
 
 # kind -> ("module:function", summary)
-SYNTH_KINDS: dict[str, tuple[str, str]] = {}
+SYNTH_KINDS: dict[str, tuple[str, str]] = {
+    "euclid-desi": ("fmb.data.synth.euclid_desi:write", "Euclid VIS/NISP cutouts + RGB + DESI spectra (parquet)"),
+}
 
 
 def write_synthetic(kind: str, out: Path, n: int, seed: int) -> Path:

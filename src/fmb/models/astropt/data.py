@@ -1,0 +1,92 @@
+"""AstroPT samples from the Euclid + DESI sample: RGB image patches and DESI spectrum patches.
+
+Image: decoded, resized to `image_size`, scaled to [0, 1], cut into patch x patch x 3 tokens
+flattened in (row, column, channel) order. Spectrum: cleaned (see fmb.data.euclid_desi), cut
+into patches of `patch_size` pixels. Each modality carries a token mask, so an object with no
+usable spectrum (or a broken image) still trains on its other modality without misaligning
+the batch; the skip is logged with the object id.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fmb.data.euclid_desi import SplitRows, clean_spectrum, rgb_tensor
+from fmb.errors import DataError
+from fmb.models.astropt.model import Modality
+
+log = logging.getLogger("fmb")
+
+COLUMNS = ["object_id", "targetid", "redshift", "RGB_image", "spectrum"]
+
+
+def image_patches(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) -> (H/p * W/p, p * p * C), patches in raster order."""
+    channels, height, width = image.shape
+    grid = image.permute(1, 2, 0).reshape(height // patch, patch, width // patch, patch, channels)
+    return grid.permute(0, 2, 1, 3, 4).reshape(-1, patch * patch * channels)
+
+
+def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to a multiple of `patch` with zeros; a patch is valid when all its real pixels are."""
+    pad = (-len(values)) % patch
+    values = np.pad(values, (0, pad))
+    real = np.pad(np.ones_like(valid), (0, pad))
+    valid = np.pad(valid, (0, pad))
+    tokens = torch.from_numpy(values.reshape(-1, patch))
+    mask = torch.from_numpy((valid | ~real).reshape(-1, patch).all(axis=1))
+    return tokens, mask
+
+
+class EuclidDesiPatches(Dataset):
+    def __init__(self, rows: SplitRows, modalities: list[Modality], image_size: int, spectrum_length: int) -> None:
+        self.rows = rows
+        self.modalities = {m.name: m for m in modalities}
+        self.image_size = image_size
+        self.spectrum_length = spectrum_length
+        self.image_tokens = (image_size // self.modalities["images"].patch_size) ** 2 if "images" in self.modalities else 0
+        spectra = self.modalities.get("spectra")
+        self.spectrum_tokens = -(-spectrum_length // spectra.patch_size) if spectra else 0
+        # Wavelength positions scaled to [0, 1] over the DESI range, for float-position spectra.
+        self.wavelength01 = np.linspace(0.0, 1.0, spectrum_length, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows.row(i)
+        object_id = int(row["object_id"])
+        item = {
+            "object_id": torch.tensor(object_id, dtype=torch.int64),
+            "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
+            "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
+        }
+        if "images" in self.modalities:
+            patch = self.modalities["images"].patch_size
+            try:
+                tokens = image_patches(rgb_tensor(row["RGB_image"], self.image_size), patch)
+                mask = torch.ones(len(tokens), dtype=torch.bool)
+            except DataError as exc:
+                log.warning(f"object_id {object_id} ({self.rows.where(i)}): image skipped: {exc}")
+                tokens = torch.zeros(self.image_tokens, patch * patch * 3)
+                mask = torch.zeros(self.image_tokens, dtype=torch.bool)
+            item["images"], item["images_mask"] = tokens, mask
+        if "spectra" in self.modalities:
+            spec = self.modalities["spectra"]
+            cleaned = clean_spectrum(row["spectrum"], self.spectrum_length)
+            if cleaned is None:
+                if row["spectrum"] is not None:
+                    log.warning(f"object_id {object_id} ({self.rows.where(i)}): spectrum skipped (all NaN or flat)")
+                tokens = torch.zeros(self.spectrum_tokens, spec.patch_size)
+                mask = torch.zeros(self.spectrum_tokens, dtype=torch.bool)
+            else:
+                tokens, mask = spectrum_patches(*cleaned, spec.patch_size)
+            item["spectra"], item["spectra_mask"] = tokens, mask
+            if spec.positions == "float":
+                positions, _ = spectrum_patches(self.wavelength01, np.ones(self.spectrum_length, bool), spec.patch_size)
+                item["spectra_positions"] = positions
+        return item

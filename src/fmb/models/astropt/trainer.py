@@ -1,0 +1,174 @@
+"""`fmb retrain astropt`: configuration and the BaseTrainer subclass."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fmb.data.euclid_desi import DESI_PIXELS, open_split
+from fmb.errors import ConfigError
+from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
+from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
+from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train import checkpoint as ckpt
+
+log = logging.getLogger("fmb")
+
+FAMILY = "astropt"
+
+
+def default_modalities() -> list[Modality]:
+    # Euclid+DESI: 224 px RGB in 16 px patches (196 tokens), DESI flux in patches of 10 (779 tokens);
+    # loss weights balance the token counts.
+    return [
+        Modality(name="images", input_size=16 * 16 * 3, patch_size=16, positions="index", loss_weight=779 / 196),
+        Modality(name="spectra", input_size=10, patch_size=10, positions="index", loss_weight=196 / 779),
+    ]
+
+
+@dataclass
+class AstroPTModelConfig:
+    preset: str | None = "095M"  # architecture by name (see PRESETS); n_layer/n_head/n_embd override it
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    block_size: int = 1024
+    dropout: float = 0.0
+    bias: bool = False
+    tokeniser: Literal["aim", "affine"] = "aim"
+    modalities: list[Modality] = field(default_factory=default_modalities)
+    init_from: str | None = None  # fmb checkpoint directory (e.g. from `fmb convert astropt`) to start from
+
+
+@dataclass
+class AstroPTDataConfig:
+    path: str | None = None  # Euclid+DESI parquet shards or save_to_disk directory
+    train_split: str = "train"
+    val_split: str | None = None  # None: hold out val_fraction of train by object_id
+    val_fraction: float = 0.05
+    image_size: int = 224
+    spectrum_length: int = DESI_PIXELS
+    synthetic: int = 0  # > 0: write this many synthetic objects under <out>/data and train on them
+
+
+@dataclass
+class AstroPTConfig(BaseTrainingConfig):
+    model: AstroPTModelConfig = field(default_factory=AstroPTModelConfig)
+    data: AstroPTDataConfig = field(default_factory=AstroPTDataConfig)
+
+
+def model_shape(cfg: AstroPTModelConfig) -> GPTShape:
+    layers, heads, width = None, None, None
+    if cfg.preset is not None:
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset '{cfg.preset}' is not one of {', '.join(PRESETS)}")
+        layers, heads, width, _ = PRESETS[cfg.preset]
+    layers, heads, width = cfg.n_layer or layers, cfg.n_head or heads, cfg.n_embd or width
+    if None in (layers, heads, width):
+        raise ConfigError("set model.preset or all of model.n_layer, model.n_head, model.n_embd")
+    return GPTShape(n_layer=layers, n_head=heads, n_embd=width, block_size=cfg.block_size,
+                    dropout=cfg.dropout, bias=cfg.bias, tokeniser=cfg.tokeniser)
+
+
+def check_modalities(model: AstroPTModelConfig, data: AstroPTDataConfig) -> None:
+    names = sorted(m.name for m in model.modalities)
+    if not names or set(names) - {"images", "spectra"}:
+        raise ConfigError(f"model.modalities must be 'images' and/or 'spectra' for Euclid+DESI data, got {names}")
+    tokens = 0
+    for mod in model.modalities:
+        if mod.name == "images":
+            if data.image_size % mod.patch_size:
+                raise ConfigError(f"data.image_size {data.image_size} is not a multiple of the images patch_size {mod.patch_size}")
+            if mod.input_size != mod.patch_size**2 * 3 or mod.positions != "index":
+                raise ConfigError(f"images modality: input_size must be patch_size^2 x 3 = {mod.patch_size**2 * 3} "
+                                  "with index positions")
+            tokens += (data.image_size // mod.patch_size) ** 2
+        else:
+            if mod.input_size != mod.patch_size:
+                raise ConfigError(f"spectra modality: input_size ({mod.input_size}) must equal patch_size ({mod.patch_size})")
+            if mod.positions == "float" and mod.pos_input_size != mod.patch_size:
+                raise ConfigError("spectra modality with float (wavelength) positions needs pos_input_size = patch_size")
+            tokens += -(-data.spectrum_length // mod.patch_size)
+    if tokens > model.block_size:
+        raise ConfigError(f"the sequence has {tokens} tokens but model.block_size is {model.block_size}")
+
+
+def build_astropt(cfg: AstroPTModelConfig) -> AstroPT:
+    return AstroPT(model_shape(cfg), cfg.modalities)
+
+
+def load_into(model: nn.Module, directory: str | Path) -> dict[str, Any]:
+    """Load an fmb AstroPT checkpoint directory's weights (strict) into `model`."""
+    directory = Path(directory)
+    meta = ckpt.check_family(directory, FAMILY)
+    ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+    return meta
+
+
+class AstroPTTrainer(BaseTrainer):
+    family = FAMILY
+    config_cls = AstroPTConfig
+    summary_keys = ("images", "spectra")
+
+    def prepare(self) -> None:
+        data = self.config.data
+        check_modalities(self.config.model, data)
+        if data.path is None and data.synthetic > 0:
+            target = self.run_dir / "data"
+            with self.main_process_first() as is_main:
+                if is_main and not (target / "data").is_dir():
+                    from fmb.data.synth.euclid_desi import write
+
+                    log.info(f"writing {data.synthetic} synthetic Euclid+DESI objects to {target}")
+                    write(target, data.synthetic, self.cfg.seed)
+            data.path = str(target)
+        if data.path is None:
+            raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
+                              "euclid_desi), or add --demo to train on built-in synthetic data")
+        reference_lr = PRESETS.get(self.config.model.preset or "", (0, 0, 0, None))[3]
+        if reference_lr and abs(self.cfg.optim.lr - reference_lr) / reference_lr > 0.01:
+            log.info(f"note: train.optim.lr={self.cfg.optim.lr:g}; the reference peak lr of preset "
+                     f"{self.config.model.preset} is {reference_lr:g}")
+
+    def build_model(self) -> nn.Module:
+        model = build_astropt(self.config.model)
+        if self.config.model.init_from:
+            meta = load_into(model, self.config.model.init_from)
+            log.info(f"initialised from {self.config.model.init_from} (step {meta.get('step')})")
+        self.modalities = model.modalities
+        return model
+
+    def datasets_for(self, split: str) -> EuclidDesiPatches:
+        data = self.config.data
+        rows = open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed, data.train_split)
+        return EuclidDesiPatches(rows, self.config.model.modalities, data.image_size, data.spectrum_length)
+
+    def build_datasets(self):
+        return self.datasets_for("train"), self.datasets_for("validation")
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> StepOutput:
+        tokens, positions, masks = model_inputs(self.modalities, batch)
+        predictions = model(tokens, positions)
+        loss, parts = next_patch_loss(self.modalities, tokens, predictions, masks)
+        n = len(batch["object_id"])
+        return StepOutput(loss=loss, components=parts, n_samples=n,
+                          n_tokens=n * sum(t.shape[1] for t in tokens.values()))
+
+
+def model_inputs(modalities: list[Modality], batch: dict) -> tuple[dict, dict, dict]:
+    """Token, position and mask dicts for the model from a collated batch (already on the device)."""
+    tokens, positions, masks = {}, {}, {}
+    for mod in modalities:
+        values = batch[mod.name]
+        tokens[mod.name] = values
+        masks[mod.name] = batch[f"{mod.name}_mask"]
+        if mod.positions == "index":
+            positions[mod.name] = torch.arange(values.shape[1], device=values.device).expand(values.shape[0], -1)
+        else:
+            positions[mod.name] = batch[f"{mod.name}_positions"]
+    return tokens, positions, masks
