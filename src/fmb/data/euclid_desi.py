@@ -84,7 +84,8 @@ def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
     array = decode_image(image_struct["bytes"])
     image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
     if image.shape[1:] != (size, size):
-        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        shrink = size < max(image.shape[1:])  # antialiasing only matters when shrinking, and is slow
+        image = F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=shrink, align_corners=False)[0]
     return image
 
 
