@@ -385,6 +385,12 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(joint, axis=1), 1.0, rtol=1e-5)
     assert table.column("embedding_images").type.value_type == pa.float32()
 
+    baseline = tmp_path / "random.parquet"
+    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(baseline),
+                        "--random-init")
+    assert code == 0, err
+    random_joint = np.stack(pq.read_table(baseline).column("embedding_joint").to_numpy(zero_copy_only=False))
+    assert random_joint.shape == joint.shape and not np.allclose(random_joint, joint)
     code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"))
     assert code == 2 and "choose one with --split" in err

@@ -194,6 +194,7 @@ def embed(
     split: Annotated[str | None, typer.Option(help="Split of --data (or of the checkpoint's dataset) to embed.")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    random_init: Annotated[bool, typer.Option("--random-init", help="Same architecture with untrained weights (the baseline for `fmb evaluate`).")] = False,
     set_: SetOpt = None,
 ) -> None:
     """Write per-object embeddings of a trained model to parquet."""
@@ -203,9 +204,44 @@ def embed(
     family = get_family(model)
     if family.embed is None:
         raise ConfigError(f"'{model}' has no embedding export yet")
-    options = {"batch_size": batch_size, "device": device, "split": split, "set": set_ or []}
+    options = {"batch_size": batch_size, "device": device, "split": split, "random_init": random_init, "set": set_ or []}
     written = family.embed(checkpoint, data, out, options)
     typer.echo(f"wrote {written}")
+
+
+@app.command()
+def evaluate(
+    embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`).")],
+    target: Annotated[list[str], typer.Option("--target", "-t", help="Target column (repeatable), e.g. redshift.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for results.csv and results.md.")] = Path("evaluation"),
+    baseline: Annotated[list[Path], typer.Option(help="Random-init embeddings, one per file, same order (repeatable).")] = None,
+    classify: Annotated[list[str], typer.Option(help="Treat this target as classes (repeatable; auto for non-float columns).")] = None,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
+    k: Annotated[int, typer.Option(help="Neighbours of the kNN probe.")] = 64,
+    fractions: Annotated[str, typer.Option(help="Label fractions for few-shot curves, comma-separated.")] = "0.01,0.1,1.0",
+    probes: Annotated[str, typer.Option(help="Probes, comma-separated: knn, linear, mlp.")] = "knn,linear,mlp",
+) -> None:
+    """Score what embeddings know: kNN / linear / MLP probes (k-fold), retrieval, few-shot, vs baselines."""
+    from fmb.evaluation.run import evaluate as run_evaluate
+    from fmb.evaluation.run import markdown_table, write_tables
+
+    rows = run_evaluate([str(p) for p in embeddings], target, [str(p) for p in baseline or []] or None, classify,
+                        folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")))
+    csv_path, md_path = write_tables(rows, out)
+    typer.echo(markdown_table(rows), nl=False)
+    typer.echo(f"wrote {csv_path} and {md_path}")
+
+
+@app.command()
+def detect(
+    embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv.")] = Path("anomalies.parquet"),
+    k: Annotated[int, typer.Option(help="Neighbours for the kNN-distance score.")] = 16,
+) -> None:
+    """Anomaly scores per object and model (kNN distance, cross-modal disagreement, isolation forest), fused rank."""
+    from fmb.evaluation.run import detect as run_detect
+
+    typer.echo(f"wrote {run_detect([str(p) for p in embeddings], out, k)}")
 
 
 @app.command()

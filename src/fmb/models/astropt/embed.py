@@ -40,8 +40,10 @@ def load_run_config(directory: Path, sets: list[str]) -> AstroPTConfig:
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
     directory = ckpt.find_checkpoint(checkpoint)
     config = load_run_config(directory, options.get("set", []))
+    torch.manual_seed(config.train.seed)
     model = build_astropt(config.model)
-    load_into(model, directory)
+    if not options.get("random_init"):
+        load_into(model, directory)
     device = resolve_device(options.get("device", "auto"), 0)
     model.to(device).eval()
 

@@ -1,0 +1,1 @@
+"""Comparing foundation models through their embeddings: probes, retrieval, anomalies."""

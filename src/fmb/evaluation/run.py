@@ -1,0 +1,227 @@
+"""`fmb evaluate` and `fmb detect` over embedding parquet files written by `fmb embed`.
+
+An embedding file has `object_id`, target columns, and `embedding_<name>` columns (float32
+lists, null where a modality is absent). Several files are joined on object_id: every model is
+evaluated on the objects all files share, and the overlap is reported. Rows with a missing
+target or a missing/non-finite embedding are excluded and counted, never imputed.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from fmb.errors import ConfigError, DataError
+from fmb.evaluation import anomaly
+from fmb.evaluation.probes import cross_validate, retrieval_topk
+
+log = logging.getLogger("fmb")
+
+EMBEDDING_PREFIX = "embedding_"
+MAX_CLASSES = 50
+
+
+@dataclass
+class EmbeddingFile:
+    name: str
+    path: Path
+    ids: np.ndarray
+    embeddings: dict[str, np.ndarray]  # column -> (n, d) float32, NaN rows where absent
+    targets: dict[str, np.ndarray]
+
+    def take(self, rows: np.ndarray) -> EmbeddingFile:
+        return EmbeddingFile(self.name, self.path, self.ids[rows], {k: v[rows] for k, v in self.embeddings.items()},
+                             {k: v[rows] for k, v in self.targets.items()})
+
+
+def load_embeddings(path: str | Path) -> EmbeddingFile:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"embedding file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if "object_id" not in table.column_names:
+        raise DataError(f"{path}: no 'object_id' column; it has {', '.join(table.column_names)}")
+    names = [c for c in table.column_names if c.startswith(EMBEDDING_PREFIX)]
+    if not names:
+        raise DataError(f"{path}: no '{EMBEDDING_PREFIX}*' columns; it has {', '.join(table.column_names)}")
+    ids = table.column("object_id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path}: object_id values are not unique")
+    embeddings = {name[len(EMBEDDING_PREFIX):]: _matrix(table.column(name), path, name) for name in names}
+    targets = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
+               if c != "object_id" and not c.startswith(EMBEDDING_PREFIX)}
+    return EmbeddingFile(path.stem, path, ids, embeddings, targets)
+
+
+def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+    rows = column.to_pylist()
+    width = next((len(r) for r in rows if r is not None), None)
+    if width is None:
+        raise DataError(f"{path}: column {name} is empty (all null)")
+    out = np.full((len(rows), width), np.nan, dtype=np.float32)
+    for i, row in enumerate(rows):
+        if row is not None:
+            if len(row) != width:
+                raise DataError(f"{path}: column {name} row {i} has {len(row)} values, expected {width}")
+            out[i] = row
+    return out
+
+
+def align(files: list[EmbeddingFile]) -> list[EmbeddingFile]:
+    """Restrict every file to the objects all of them share, in one order; report the overlap."""
+    common = files[0].ids
+    for f in files[1:]:
+        common = np.intersect1d(common, f.ids)
+    if len(common) == 0:
+        raise DataError("the embedding files share no object_id: " + ", ".join(str(f.path) for f in files))
+    for f in files:
+        if len(common) < len(f.ids):
+            log.info(f"{f.path}: {len(common)} of {len(f.ids)} objects are in every file; evaluating those")
+    common = np.sort(common)
+    return [f.take(_rows_of(f.ids, common)) for f in files]
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    order = np.argsort(ids)
+    return order[np.searchsorted(ids, wanted, sorter=order)]
+
+
+def is_classification(values: np.ndarray) -> bool:
+    if values.dtype.kind in "fc":
+        return False
+    return len(np.unique(values[~_missing(values)])) <= MAX_CLASSES
+
+
+def _missing(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind in "fc":
+        return ~np.isfinite(values)
+    return np.array([v is None for v in values]) if values.dtype == object else np.zeros(len(values), bool)
+
+
+def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None = None, classify: list[str] | None = None,
+             folds: int = 5, k: int = 64, fractions: tuple[float, ...] = (0.01, 0.1, 1.0),
+             probes: tuple[str, ...] = ("knn", "linear", "mlp"), seed: int = 0) -> list[dict]:
+    """One row per (model, embedding, target, probe, label fraction, metric), plus retrieval rows."""
+    if baselines and len(baselines) != len(paths):
+        raise ConfigError(f"--baseline given {len(baselines)} times for {len(paths)} embedding files: give one per file")
+    files = align([load_embeddings(p) for p in paths] + [load_embeddings(p) for p in baselines or []])
+    models, bases = files[: len(paths)], files[len(paths):] or [None] * len(paths)
+    rows: list[dict] = []
+    for model, base in zip(models, bases, strict=True):
+        for target in targets:
+            if target not in model.targets:
+                raise DataError(f"{model.path}: no target column '{target}'; it has {', '.join(sorted(model.targets)) or 'none'}")
+            y_all = model.targets[target]
+            task_classify = target in (classify or []) or is_classification(y_all)
+            for column, x_all in model.embeddings.items():
+                keep = ~_missing(y_all) & np.isfinite(x_all).all(1)
+                if base is not None:
+                    if column not in base.embeddings:
+                        raise DataError(f"baseline {base.path} has no column {EMBEDDING_PREFIX}{column}")
+                    keep &= np.isfinite(base.embeddings[column]).all(1)
+                excluded = int((~keep).sum())
+                if keep.sum() < 2 * folds:
+                    log.warning(f"{model.name}/{column}/{target}: only {int(keep.sum())} usable objects; skipped")
+                    continue
+                y = y_all[keep] if task_classify else y_all[keep].astype(np.float64)
+                results = cross_validate(x_all[keep], y, task_classify, target, folds, fractions, k, seed, probes)
+                base_results = (cross_validate(base.embeddings[column][keep], y, task_classify, target, folds, fractions, k, seed, probes)
+                                if base is not None else [None] * len(results))
+                for res, base_res in zip(results, base_results, strict=True):
+                    for metric, value in res.metrics.items():
+                        rows.append({"model": model.name, "embedding": column, "target": target, "probe": res.probe,
+                                     "labels": res.fraction, "metric": metric, "value": value,
+                                     "baseline": base_res.metrics[metric] if base_res else None,
+                                     "n": int(keep.sum()), "excluded": excluded})
+        rows += _retrieval_rows(model, base)
+    return rows
+
+
+def _retrieval_rows(model: EmbeddingFile, base: EmbeddingFile | None) -> list[dict]:
+    rows = []
+    modalities = [c for c in model.embeddings if c != "joint"]
+    for a, b in itertools.permutations(modalities, 2):
+        keep = np.isfinite(model.embeddings[a]).all(1) & np.isfinite(model.embeddings[b]).all(1)
+        if keep.sum() < 2 or model.embeddings[a].shape[1] != model.embeddings[b].shape[1]:
+            continue  # retrieval needs a shared space of one width
+        scores = retrieval_topk(model.embeddings[a][keep], model.embeddings[b][keep])
+        base_scores = retrieval_topk(base.embeddings[a][keep], base.embeddings[b][keep]) if base is not None else {}
+        for metric, value in scores.items():
+            rows.append({"model": model.name, "embedding": f"{a}->{b}", "target": "retrieval", "probe": "cosine",
+                         "labels": 1.0, "metric": metric, "value": value, "baseline": base_scores.get(metric),
+                         "n": int(keep.sum()), "excluded": int((~keep).sum())})
+    return rows
+
+
+def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = ["model", "embedding", "target", "probe", "labels", "metric", "value", "baseline", "n", "excluded"]
+    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    md_path.write_text(markdown_table(rows))
+    return csv_path, md_path
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | embedding | target | probe | labels | metric | value | random-init | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = "" if r["baseline"] is None else f"{r['baseline']:.3f}"
+        lines.append(f"| {r['model']} | {r['embedding']} | {r['target']} | {r['probe']} | {r['labels']:.0%} | "
+                     f"{r['metric']} | {r['value']:.3f} | {base} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def detect(paths: list[str], out: Path, k: int = 16, seed: int = 0) -> Path:
+    """Anomaly scores per model and a fused rank (mean rank percentile over every score)."""
+    files = align([load_embeddings(p) for p in paths])
+    columns: dict[str, np.ndarray] = {"object_id": files[0].ids}
+    percentiles = []
+    for f in files:
+        modalities = [c for c in f.embeddings if c != "joint"]
+        scores = {f"knn_{c}": _masked(f.embeddings[c], lambda x: anomaly.knn_distance(x, k)) for c in f.embeddings}
+        pairs = [(a, b) for a, b in itertools.combinations(modalities, 2)
+                 if f.embeddings[a].shape[1] == f.embeddings[b].shape[1]]
+        if pairs:
+            disagreement = np.nanmean([anomaly.cross_modal_disagreement(f.embeddings[a], f.embeddings[b]) for a, b in pairs], axis=0)
+            scores["cross_modal"] = disagreement
+        main = "joint" if "joint" in f.embeddings else modalities[0]
+        scores[f"iforest_{main}"] = _masked(f.embeddings[main], lambda x: anomaly.isolation_forest(x, seed=seed))
+        for name, values in scores.items():
+            columns[f"{f.name}/{name}"] = values
+            finite = np.isfinite(values)
+            pct = np.full(len(values), np.nan)
+            pct[finite] = anomaly.rank_percentile(values[finite])
+            percentiles.append(pct)
+    columns["fused_rank"] = np.nanmean(np.stack(percentiles), axis=0)
+    table = pa.table(columns).sort_by([("fused_rank", "descending")])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".csv":
+        pa_csv.write_csv(table, out)
+    else:
+        pq.write_table(table, out)
+    return out
+
+
+def _masked(x: np.ndarray, fn) -> np.ndarray:
+    """Apply a score to the rows with a finite embedding; NaN for the others."""
+    keep = np.isfinite(x).all(1)
+    out = np.full(len(x), np.nan)
+    if keep.sum() > 1:
+        out[keep] = fn(x[keep])
+    return out

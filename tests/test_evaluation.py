@@ -1,0 +1,174 @@
+"""`fmb evaluate` / `fmb detect` on small synthetic embeddings with known structure."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fmb import cli
+from fmb.errors import DataError
+from fmb.evaluation import anomaly
+from fmb.evaluation.probes import (
+    cross_validate,
+    knn_predict,
+    macro_f1,
+    redshift_scores,
+    retrieval_topk,
+    ridge_predict,
+)
+from fmb.evaluation.run import detect, evaluate, load_embeddings
+
+
+def planted(n=300, d=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    z = 0.5 + 0.2 * (x @ rng.standard_normal(d)) / np.sqrt(d)
+    z = np.abs(z) + 0.01
+    labels = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)
+    return x, z, labels
+
+
+def write_file(path, ids, columns, **targets):
+    table = {"object_id": pa.array(ids, pa.int64())}
+    for name, matrix in columns.items():
+        rows = [None if not np.isfinite(r).all() else r.tolist() for r in matrix]
+        table[f"embedding_{name}"] = pa.array(rows, pa.list_(pa.float32(), matrix.shape[1]))
+    table.update({k: pa.array(v) for k, v in targets.items()})
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def test_metrics_on_hand_computed_cases():
+    z = np.array([0.1, 0.5, 1.0, 2.0])
+    pred = np.array([0.1, 0.6, 1.0, 3.0])
+    scores = redshift_scores(z, pred)
+    dz = (pred - z) / (1 + z)  # 0, 0.0667, 0, 0.3333
+    assert scores["outlier_frac"] == 0.25
+    assert scores["nmad"] == pytest.approx(1.4826 * np.median(np.abs(dz - np.median(dz))))
+    y, p = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: 0
+    assert macro_f1(y, p) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_probes_recover_a_planted_linear_target():
+    x, z, _ = planted()
+    train, test = np.arange(240), np.arange(240, 300)
+    pred = ridge_predict(x[train], z[train], x[test])
+    assert np.corrcoef(pred, z[test])[0, 1] > 0.99
+    results = {r.probe: r.metrics["r2"] for r in cross_validate(x, z, False, "redshift", folds=4, fractions=(1.0,), k=16)}
+    assert results["linear"] > 0.98 and results["mlp"] > 0.8 and results["knn"] > 0.5
+    noise = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
+    baseline = {r.probe: r.metrics["r2"] for r in cross_validate(noise, z, False, "redshift", folds=4, fractions=(1.0,), k=16)}
+    assert all(v < 0.2 for v in baseline.values())
+
+
+def test_classification_and_few_shot_curve():
+    x, _, labels = planted(n=400)
+    results = cross_validate(x, labels, True, "class", folds=4, fractions=(0.05, 1.0), k=16, probes=("knn", "linear"))
+    by = {(r.probe, r.fraction): r.metrics["accuracy"] for r in results}
+    assert by[("linear", 1.0)] > 0.8 and by[("knn", 1.0)] > 0.6  # chance is 0.25
+    assert by[("linear", 0.05)] < by[("linear", 1.0)]
+    assert knn_predict(x[:200], labels[:200], x[200:], k=5, classify=True).dtype == labels.dtype
+
+
+def test_retrieval_is_perfect_on_identical_and_chance_on_shuffled():
+    x, _, _ = planted(n=500)
+    assert retrieval_topk(x, x) == {"top1": 1.0, "top5": 1.0}
+    shuffled = x[np.random.default_rng(1).permutation(len(x))]
+    chance = retrieval_topk(x, shuffled)
+    assert chance["top1"] < 0.02 and chance["top5"] < 0.04
+
+
+def test_evaluate_joins_on_object_id_and_counts_exclusions(tmp_path, caplog):
+    x, z, labels = planted(n=200)
+    ids = np.arange(1000, 1200)
+    x_nan = x.copy()
+    x_nan[:10] = np.nan  # absent embeddings are excluded, not imputed
+    a = write_file(tmp_path / "a.parquet", ids, {"images": x_nan, "joint": x}, redshift=z, klass=labels)
+    b = write_file(tmp_path / "b.parquet", ids[50:], {"images": x[50:] + 0.01}, redshift=z[50:], klass=labels[50:])
+    noise = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    base_a = write_file(tmp_path / "ra.parquet", ids, {"images": noise, "joint": noise}, redshift=z, klass=labels)
+    base_b = write_file(tmp_path / "rb.parquet", ids, {"images": noise}, redshift=z, klass=labels)
+    with caplog.at_level("INFO", logger="fmb"):
+        rows = evaluate([str(a), str(b)], ["redshift", "klass"], [str(base_a), str(base_b)], folds=3,
+                        fractions=(1.0,), k=16, probes=("linear",))
+    assert "150 of 200 objects are in every file" in caplog.text
+    images_a = [r for r in rows if r["model"] == "a" and r["embedding"] == "images" and r["metric"] == "r2"][0]
+    assert images_a["n"] == 150 - 0 and images_a["excluded"] == 0  # the NaN rows are outside the overlap
+    joint = [r for r in rows if r["model"] == "a" and r["embedding"] == "joint" and r["metric"] == "r2"][0]
+    assert joint["value"] > 0.95 and joint["baseline"] < 0.2
+    acc = [r for r in rows if r["target"] == "klass" and r["metric"] == "accuracy"]
+    assert all(r["value"] > r["baseline"] for r in acc)
+
+
+def test_nan_embeddings_are_counted(tmp_path):
+    x, z, _ = planted(n=120)
+    x[:7] = np.nan
+    path = write_file(tmp_path / "a.parquet", np.arange(120), {"images": x}, redshift=z)
+    rows = evaluate([str(path)], ["redshift"], folds=3, fractions=(1.0,), k=8, probes=("knn",))
+    assert rows[0]["excluded"] == 7 and rows[0]["n"] == 113
+
+
+def test_bad_inputs_name_file_and_column(tmp_path):
+    x, z, _ = planted(n=40)
+    path = write_file(tmp_path / "a.parquet", np.arange(40), {"images": x}, redshift=z)
+    with pytest.raises(DataError, match=r"a\.parquet: no target column 'mass'; it has redshift"):
+        evaluate([str(path)], ["mass"])
+    other = write_file(tmp_path / "b.parquet", np.arange(100, 140), {"images": x}, redshift=z)
+    with pytest.raises(DataError, match="share no object_id"):
+        evaluate([str(path), str(other)], ["redshift"])
+    pq.write_table(pa.table({"object_id": [1, 2], "feature": [0.1, 0.2]}), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"no 'embedding_\*' columns"):
+        load_embeddings(tmp_path / "c.parquet")
+    pq.write_table(pa.table({"object_id": [1, 1], "embedding_x": [[0.1], [0.2]]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match="not unique"):
+        load_embeddings(tmp_path / "d.parquet")
+
+
+def test_isolation_forest_and_knn_rank_planted_outliers_first():
+    rng = np.random.default_rng(0)
+    inliers = rng.standard_normal((300, 4))
+    outliers = rng.standard_normal((5, 4)) * 0.3 + 6.0
+    x = np.concatenate([inliers, outliers]).astype(np.float32)
+    iso = anomaly.isolation_forest(x, trees=50, seed=0)
+    assert set(np.argsort(iso)[-5:]) == set(range(300, 305))
+    assert (iso > 0).all() and (iso <= 1).all()
+    knn = anomaly.knn_distance(np.concatenate([rng.standard_normal((300, 8)) + 5, rng.standard_normal((3, 8)) - 5]).astype(np.float32), k=8)
+    assert set(np.argsort(knn)[-3:]) == {300, 301, 302}
+
+
+def test_detect_fuses_models_and_flags_cross_modal_mismatch(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((200, 8)).astype(np.float32)
+    spectra = images + 0.05 * rng.standard_normal((200, 8)).astype(np.float32)
+    spectra[:4] = rng.standard_normal((4, 8))  # four objects whose modalities disagree
+    a = write_file(tmp_path / "a.parquet", np.arange(200), {"images": images, "spectra": spectra})
+    b = write_file(tmp_path / "b.parquet", np.arange(200), {"images": images * 2})
+    out = detect([str(a), str(b)], tmp_path / "anomalies.parquet", k=8)
+    table = pq.read_table(out).to_pydict()
+    assert {"object_id", "a/cross_modal", "a/knn_images", "b/iforest_images", "fused_rank"} <= set(table)
+    cross = dict(zip(table["object_id"], table["a/cross_modal"], strict=True))
+    top = sorted(cross, key=cross.get)[-4:]
+    assert set(top) == {0, 1, 2, 3}
+    assert table["fused_rank"] == sorted(table["fused_rank"], reverse=True)
+
+
+def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
+    x, z, _ = planted(n=120)
+    path = write_file(tmp_path / "a.parquet", np.arange(120), {"images": x, "spectra": x + 0.01}, redshift=z)
+    monkeypatch.setattr(sys, "argv", ["fmb", "evaluate", str(path), "--target", "redshift", "--out", str(tmp_path / "ev"),
+                                      "--folds", "3", "--fractions", "1.0", "--probes", "knn,linear"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 0
+    assert (tmp_path / "ev" / "results.csv").is_file()
+    shown = capsys.readouterr().out
+    assert "| a | images | redshift | linear |" in shown and "images->spectra" in shown
+    monkeypatch.setattr(sys, "argv", ["fmb", "detect", str(path), "--out", str(tmp_path / "an.csv")])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 0 and (tmp_path / "an.csv").read_text().startswith('"object_id"')
