@@ -1,6 +1,6 @@
-"""One rank of the DDP test: launched twice with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set."""
+"""One rank of the multi-process tests: launched with RANK/WORLD_SIZE (or SLURM_*) and MASTER_* set."""
 
-import sys
+import argparse
 
 import torch
 
@@ -8,10 +8,18 @@ from tests.toy import ToyTrainer, toy_config
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out, batch, accum, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    cfg = toy_config(out, batch_size=batch, grad_accum_steps=accum, max_steps=steps, eval_every=3)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("accum", type=int)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("--parallel", default="ddp")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--decay-steps", type=int, default=None)
+    args = parser.parse_args()
+    cfg = toy_config(args.out, batch_size=args.batch, grad_accum_steps=args.accum, max_steps=args.steps,
+                     eval_every=3, parallel=args.parallel)
+    cfg.train.schedule.decay_steps = args.decay_steps
     trainer = ToyTrainer(cfg)
-    result = trainer.fit(resume="--resume" in sys.argv)
-    rank = trainer.dist.rank
-    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, f"{out}/final_rank{rank}.pt")
-    print(f"rank {rank} done: {result.status} step {result.step} val {result.metrics}")
+    result = trainer.fit(resume=args.resume)
+    print(f"rank {trainer.dist.rank} done: {result.status} step {result.step} val {result.metrics}")

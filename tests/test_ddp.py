@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmb.train import checkpoint as ckpt
 from fmb.train.distributed import env_ranks
+from tests.toy import ToyTrainer, toy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +25,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(out: Path, world: int, batch: int, accum: int, steps: int, env_style: str = "torchrun") -> None:
+def launch(out: Path, world: int, batch: int, accum: int, steps: int, env_style: str = "torchrun", *extra: str) -> None:
     port = free_port()
     procs = []
     for rank in range(world):
@@ -34,12 +36,16 @@ def launch(out: Path, world: int, batch: int, accum: int, steps: int, env_style:
         elif world > 1:
             env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS=str(world))
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.ddp_worker", str(out), str(batch), str(accum), str(steps)],
+            [sys.executable, "-m", "tests.ddp_worker", str(out), str(batch), str(accum), str(steps), *extra],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     for proc in procs:
         output, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, output
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.read_safetensors(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE)
 
 
 def test_env_ranks_from_torchrun_and_slurm():
@@ -49,21 +55,43 @@ def test_env_ranks_from_torchrun_and_slurm():
     assert env_ranks({}) == (0, 0, 1)
 
 
-def test_two_gloo_ranks_match_single_process(tmp_path):
-    # global batch 8 = 2 ranks x 2 samples x 2 accumulation steps, against 1 process x 8
-    launch(tmp_path / "ddp", world=2, batch=2, accum=2, steps=6, env_style="slurm")
-    launch(tmp_path / "single", world=1, batch=8, accum=1, steps=6)
-    rank0 = torch.load(tmp_path / "ddp" / "final_rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "final_rank1.pt")
-    single = torch.load(tmp_path / "single" / "final_rank0.pt")
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), f"ranks disagree on {key}"
-        torch.testing.assert_close(rank0[key], single[key], rtol=0, atol=1e-5)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    # global batch 8 = 2 ranks x 2 samples x 2 accumulation steps, launched the way srun does it
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    launch(out, 2, 2, 2, 6, "slurm", "--decay-steps", "6")
+    return out
+
+
+def test_two_gloo_ranks_match_single_process(ddp_run, tmp_path):
+    cfg = toy_config(tmp_path / "single", batch_size=8, grad_accum_steps=1, max_steps=6, eval_every=3)
+    cfg.train.schedule.decay_steps = 6
+    ToyTrainer(cfg).fit()
+    ddp, single = final_weights(ddp_run), final_weights(tmp_path / "single")
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5)
+
     # validation is sharded over both ranks and reduced: same figure as one process
     def last_val(run):
-        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        lines = (run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x) for x in lines if "val/loss" in x][-1]["val/loss"]
 
-    assert last_val("ddp") == pytest.approx(last_val("single"), rel=1e-4)
+    assert last_val(ddp_run) == pytest.approx(last_val(tmp_path / "single"), rel=1e-4)
     # only rank 0 writes files
-    assert len(list((tmp_path / "ddp" / "checkpoints").glob("step_*"))) == 1
+    assert len(list((ddp_run / "checkpoints").glob("step_*"))) == 1
+
+
+def test_fsdp_matches_ddp_and_resumes(ddp_run, tmp_path):
+    launch(tmp_path / "fsdp", 2, 2, 2, 6, "torchrun", "--parallel", "fsdp", "--decay-steps", "6")
+    ddp, fsdp = final_weights(ddp_run), final_weights(tmp_path / "fsdp")
+    assert ddp.keys() == fsdp.keys()  # one unsharded model.safetensors with clean keys
+    for key in ddp:
+        torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-5)
+    directory = ckpt.latest_checkpoint(tmp_path / "fsdp")
+    assert (directory / "optimizer").is_dir()  # the optimizer state stays sharded
+    # 4 steps, then a resumed run to 6: the same weights as 6 straight
+    launch(tmp_path / "resumed", 2, 2, 2, 4, "torchrun", "--parallel", "fsdp", "--decay-steps", "6")
+    launch(tmp_path / "resumed", 2, 2, 2, 6, "torchrun", "--parallel", "fsdp", "--decay-steps", "6", "--resume")
+    resumed = final_weights(tmp_path / "resumed")
+    for key in fsdp:
+        torch.testing.assert_close(resumed[key], fsdp[key], rtol=0, atol=1e-6)

@@ -77,6 +77,12 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load every key with its exact shape, or fail listing every mismatch."""
+    model.load_state_dict(check_state_fits(model, state, source), strict=True)
+
+
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The state dict with clean keys, if every key and shape matches the model; else an error
+    listing every mismatch. (Shapes are global shapes, also for sharded models.)"""
     state = clean_state_dict(state)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -93,7 +99,7 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 lines.append(f"  {title} keys: {shown}")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
+    return state
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -157,9 +163,12 @@ class CheckpointWriter:
         self.keep_last = keep_last
         self.best_step: int | None = None
 
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f".tmp-{step_dirname(step)}"
+
     def begin(self, step: int) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{step_dirname(step)}"
+        tmp = self.tmp_dir(step)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -169,9 +178,10 @@ class CheckpointWriter:
         final = self.root / step_dirname(step)
         if final.exists():
             shutil.rmtree(final)
-        for child in tmp.iterdir():
-            with open(child, "rb") as handle:
-                os.fsync(handle.fileno())
+        for child in tmp.rglob("*"):
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
         os.replace(tmp, final)
         self._prune()
         return final

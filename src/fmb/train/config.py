@@ -82,6 +82,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     num_workers: int = 2
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard weights/grads/optimizer state (fully_shard)
     compile: bool = False
     tf32: bool = True
     progress: bool = True

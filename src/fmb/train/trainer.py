@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from fmb import __version__
 from fmb.config import to_yaml
 from fmb.errors import ConfigError, DataError, TrainingError
 from fmb.train import checkpoint as ckpt
+from fmb.train import parallel
 from fmb.train.config import BaseTrainingConfig
 from fmb.train.distributed import (
     DistInfo,
@@ -123,6 +123,11 @@ class BaseTrainer:
         """Per-parameter learning rate (by qualified name); None: train.optim.lr."""
         return None
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """Sub-modules that become separate FSDP units (train.parallel=fsdp): by default every
+        element of every nn.ModuleList."""
+        return parallel.default_shard_units(model)
+
     def set_train_mode(self, model: nn.Module) -> None:
         """Put the model in training mode (families keep frozen parts in eval mode here)."""
         model.train()
@@ -151,10 +156,11 @@ class BaseTrainer:
         """Validation metrics (without the `val/` prefix) over this rank's shard, reduced."""
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, float] = {}
-        for batch in loader:
-            batch = to_device(batch, self.device)
+        for batch, counted in self.validation_batches(loader):
             with self.autocast():
                 step_metrics = self.validation_step(model, batch)
+            if not counted:
+                continue
             for name, (total, count) in step_metrics.items():
                 sums[name] = sums.get(name, 0) + total
                 counts[name] = counts.get(name, 0) + count
@@ -170,6 +176,18 @@ class BaseTrainer:
         packed = all_reduce_sum(packed, self.dist).cpu().tolist()
         k = len(names)
         return {n: packed[i] / max(packed[k + i], 1e-12) for i, n in enumerate(names)}
+
+    def validation_batches(self, loader: DataLoader) -> Iterator[tuple[Any, bool]]:
+        """(batch on the device, counted) pairs. Under FSDP every rank must run as many forwards as
+        the others, so ranks with a shorter shard repeat their last batch, uncounted."""
+        batch = None
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            yield batch, True
+        if parallel.is_sharded(self.cfg.parallel, self.dist):
+            most = max(gather_objects(len(loader), self.dist))
+            for _ in range(most - len(loader)):
+                yield batch, False
 
     def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
         """Called on every rank after each validation (write sample images, confusion matrices...)."""
@@ -238,7 +256,8 @@ class BaseTrainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(self.device)
         self.set_train_mode(self.model)
-        self.train_model = self._wrap_model(self.model)
+        self.train_model = parallel.wrap(self.model, cfg.parallel, self.dist, self.device, cfg.compile,
+                                         self.find_unused_parameters, self.shard_units(self.model))
 
         groups = parameter_groups(self.model, cfg.optim, self.lr_for)
         self.optimizer = build_adamw(groups, cfg.optim)
@@ -291,8 +310,7 @@ class BaseTrainer:
                     step_ids.extend(self.batch_ids(batch))
                     batch = to_device(batch, self.device)
                     last = micro == self.accum - 1
-                    sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
-                    with sync:
+                    with parallel.gradient_sync(self.train_model, self.model, cfg.parallel, self.dist, enabled=last):
                         with self.autocast():
                             out = self.compute_loss(self.train_model, batch)
                         loss = out.loss / self.accum  # the mean over the whole accumulated batch
@@ -372,7 +390,7 @@ class BaseTrainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.clip_grad_norm if self.cfg.clip_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True)
+        grad_norm = parallel.local_norm(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm, foreach=True))
         # The norm is computed from all-reduced gradients, so every rank takes the same decision.
         found_inf = (~torch.isfinite(grad_norm)).float()
         if self.scaler is not None:
@@ -454,13 +472,18 @@ class BaseTrainer:
                 self.best = {"metric": best_cfg.best_metric, "value": value, "step": step}
                 is_best = True
         rng_states = gather_objects(ckpt.capture_rng(), self.dist)
+        model_state = parallel.full_model_state(self.model, self.cfg.parallel, self.dist)  # collective under FSDP
         if self.dist.is_main:
-            tmp = self.writer.begin(step)
+            self.writer.begin(step)
+        barrier(self.dist)
+        tmp = self.writer.tmp_dir(step)
+        optimizer_state = parallel.save_optimizer(self.model, self.optimizer, self.cfg.parallel, self.dist, tmp)
+        barrier(self.dist)
+        if self.dist.is_main:
             meta = {"family": self.family, "step": step, "fmb_version": __version__,
-                    "metrics": metrics or {}, "world_size": self.dist.world_size}
-            ckpt.save_safetensors(self.model.state_dict(), tmp / ckpt.MODEL_FILE,
-                                  {"fmb_family": self.family, "step": str(step)})
-            torch.save(self._trainer_state(rng_states), tmp / ckpt.STATE_FILE)
+                    "metrics": metrics or {}, "world_size": self.dist.world_size, "parallel": self.cfg.parallel}
+            ckpt.save_safetensors(model_state, tmp / ckpt.MODEL_FILE, {"fmb_family": self.family, "step": str(step)})
+            torch.save(self._trainer_state(rng_states, optimizer_state), tmp / ckpt.STATE_FILE)
             (tmp / ckpt.CONFIG_FILE).write_text(to_yaml(self.config))
             (tmp / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
             if is_best:
@@ -470,11 +493,11 @@ class BaseTrainer:
                 self.writer.mark_best(step, self.best["metric"], self.best["value"])
         barrier(self.dist)
 
-    def _trainer_state(self, rng_states: list) -> dict[str, Any]:
+    def _trainer_state(self, rng_states: list, optimizer_state: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "progress": dataclasses.asdict(self.progress),
             "world_size": self.dist.world_size,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,  # None under FSDP: sharded in optimizer/
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "early_stopping": self.early_stopping.state_dict(),
@@ -488,12 +511,13 @@ class BaseTrainer:
             log.info(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
             return
         ckpt.check_family(directory, self.family)
-        ckpt.load_state_strict(self.model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+        weights = ckpt.check_state_fits(self.model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+        parallel.load_model_state(self.model, weights, self.cfg.parallel, self.dist)
         try:
             state = torch.load(directory / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt file must stop the run, never start it afresh
             raise ckpt.CheckpointError(f"cannot read {directory / ckpt.STATE_FILE}: {exc}") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer(self.model, self.optimizer, self.cfg.parallel, self.dist, directory, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -544,16 +568,6 @@ class BaseTrainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
             torch.backends.cudnn.allow_tf32 = self.cfg.tf32
-
-    def _wrap_model(self, model: nn.Module) -> nn.Module:
-        wrapped = torch.compile(model) if self.cfg.compile else model
-        if self.dist.enabled:
-            wrapped = DistributedDataParallel(
-                wrapped,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.find_unused_parameters,
-            )
-        return wrapped
 
     def _setup_run_dir(self) -> None:
         if self.dist.is_main:
