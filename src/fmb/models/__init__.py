@@ -33,7 +33,9 @@ class Family:
 
 
 # name -> ("module:attribute", one-line summary)
-BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {}
+BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
+    "astrom3": ("fmb.models.astrom3:FAMILY", "trimodal CLIP: light curves, spectra, metadata; variable-star classifiers"),
+}
 
 _registered: dict[str, Family] = {}
 

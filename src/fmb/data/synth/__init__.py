@@ -12,7 +12,9 @@ from pathlib import Path
 from fmb.errors import ConfigError
 
 # kind -> ("module:function", summary)
-SYNTH_KINDS: dict[str, tuple[str, str]] = {}
+SYNTH_KINDS: dict[str, tuple[str, str]] = {
+    "astrom3": ("fmb.data.synth.astrom3:write", "AstroM3 variable stars: light curves, LAMOST-like spectra, metadata, 10 classes"),
+}
 
 
 def write_synthetic(kind: str, out: Path, n: int, seed: int) -> Path:
