@@ -174,12 +174,14 @@ class AstroM3Dataset(Dataset):
     """One split, read row by row through TableSource (only the needed columns)."""
 
     def __init__(self, path: str | Path, split: str | None, classes: list[str], seq_len: int, train: bool,
-                 bad_rows: str = "error", seed: int = 0, label_fraction: float = 1.0, cache_row_groups: int = 64) -> None:
+                 bad_rows: str = "error", seed: int = 0, label_fraction: float = 1.0, cache_row_groups: int = 64,
+                 strict_labels: bool = True) -> None:
         self.source = TableSource(path, COLUMNS, split, cache_row_groups=cache_row_groups)
         self.class_index = {name: i for i, name in enumerate(classes)}
         self.seq_len = seq_len
         self.train = train
         self.bad_rows = bad_rows
+        self.strict_labels = strict_labels  # False (embedding): unknown labels become class -1
         self.seed = seed
         self.epoch = 0
         self.ids = self._object_ids(path, split)
@@ -224,7 +226,7 @@ class AstroM3Dataset(Dataset):
 
     def _sample(self, record: dict[str, Any], index: int) -> dict[str, Any]:
         label = record["label"]
-        if label not in self.class_index:
+        if label not in self.class_index and self.strict_labels:
             raise BadRow("label", f"unknown class {label!r}; the run's classes are {', '.join(self.class_index)}")
         for name in ("photometry", "spectra", "metadata"):
             if record[name] is None:
@@ -241,7 +243,7 @@ class AstroM3Dataset(Dataset):
             "photometry_mask": torch.from_numpy(mask),
             "spectra": torch.from_numpy(preprocess_spectrum(record["spectra"])),
             "metadata": torch.from_numpy(prepare_metadata(record["metadata"])),
-            "label": torch.tensor(self.class_index[label]),
+            "label": torch.tensor(self.class_index.get(label, -1)),
             "valid": torch.tensor(True),
             "object_id": torch.tensor(self.ids[int(self.rows[index])]),
         }
@@ -254,7 +256,7 @@ class AstroM3Dataset(Dataset):
             "photometry_mask": torch.from_numpy(mask),
             "spectra": torch.zeros(3, N_SPECTRA_PIXELS),
             "metadata": torch.zeros(N_METADATA),
-            "label": torch.tensor(0),
+            "label": torch.tensor(-1),
             "valid": torch.tensor(False),
             "object_id": torch.tensor(self.ids[row]),
         }

@@ -134,7 +134,6 @@ class AstroM3Trainer(BaseTrainer):
                                   f"choose one of {', '.join(sorted(produced))}")
         if mode == "clip" and (config.model.init_from or config.model.freeze_encoders):
             raise ConfigError("model.init_from and model.freeze_encoders apply to fine-tuning modes, not model.mode=clip")
-        self.data_path: str | None = config.data.path
         self.metadata_stats: tuple[np.ndarray, np.ndarray] | None = None
         self.last_confusion: np.ndarray | None = None
 
@@ -157,16 +156,16 @@ class AstroM3Trainer(BaseTrainer):
             if not (target / "train-00000-of-00001.parquet").is_file():
                 log.info(f"writing {data.synthetic_objects} synthetic AstroM3 objects to {target}")
                 write(target, data.synthetic_objects, self.cfg.seed)
-        self.data_path = str(target)
+        data.path = str(target)  # recorded in the checkpoints' config.yaml
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         data = self.config.data
         common = dict(classes=self.classes, seq_len=self.config.model.seq_len, bad_rows=data.bad_rows,
                       seed=self.cfg.seed, cache_row_groups=data.cache_row_groups)
-        train = AstroM3Dataset(self.data_path, data.train_split, train=True,
+        train = AstroM3Dataset(data.path, data.train_split, train=True,
                                label_fraction=data.label_fraction if self.config.model.mode != "clip" else 1.0,
                                **common)
-        val = AstroM3Dataset(self.data_path, data.val_split, train=False, **common)
+        val = AstroM3Dataset(data.path, data.val_split, train=False, **common)
         self.metadata_stats = metadata_statistics(train.metadata_matrix())
         return train, val
 
