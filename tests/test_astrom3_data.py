@@ -51,6 +51,12 @@ def write_rows(path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------- preprocessing
 
 
+def test_schema_constants():
+    assert len(METADATA_NAMES) == 38 and METADATA_NAMES[34:] == ["amplitude", "period", "lksl_statistic", "rfr_score"]
+    assert len(WAVELENGTH_GRID) == 2575 and WAVELENGTH_GRID[0] == 3850 and WAVELENGTH_GRID[-1] == 8998
+    assert CLASSES == sorted(CLASSES) and len(CLASSES) == 10
+
+
 def test_light_curve_hand_computed():
     # Unsorted, one duplicated epoch (the first copy is kept), one NaN flux, one zero error.
     lc = np.array([

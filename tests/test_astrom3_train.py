@@ -21,18 +21,11 @@ from fmb.models.astrom3.convert import convert
 from fmb.models.astrom3.model import AstroM3, AstroM3ModelConfig
 from fmb.models.astrom3.trainer import AstroM3Config, AstroM3Trainer
 from fmb.train import checkpoint as ckpt
+from tests.test_cli import run
 
 TINY = ["model.embed_dim=16", "model.seq_len=32", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
         "model.d_ff=32", "model.factor=2", "model.conv_channels=[4,4,4,4]", "model.m_hidden=16",
         "train.num_workers=0", "train.batch_size=16", "train.eval_every=3", "train.log_every=3"]
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fmb", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
 
 
 def sets(*extra: str) -> list[str]:

@@ -228,9 +228,6 @@ class AstroM3(nn.Module):
         self.meta_mean.copy_(mean)
         self.meta_std.copy_(std)
 
-    def encoder_parameter_names(self) -> list[str]:
-        return [n for n, _ in self.named_parameters() if n.split(".")[0].endswith(("_encoder", "_proj"))]
-
     def embed(self, photometry: torch.Tensor, photometry_mask: torch.Tensor, spectra: torch.Tensor,
               metadata: torch.Tensor) -> dict[str, torch.Tensor]:
         """L2-normalised embeddings of this model's modalities."""

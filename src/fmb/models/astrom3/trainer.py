@@ -237,7 +237,9 @@ class AstroM3Trainer(BaseTrainer):
     def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         clip = self.config.model.mode == "clip"
         k = len(self.classes)
-        names = ["n", "masked", "loss"] + ([n for n in (f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS)] + ["hits"] if clip else [])
+        names = ["n", "masked", "loss"]
+        if clip:
+            names += [f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS] + ["hits"]
         totals = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in names}
         totals["confusion"] = torch.zeros(k * k, dtype=torch.float64, device=self.device)
         for batch in loader:
