@@ -96,6 +96,28 @@ def test_finetune_modes_from_clip(monkeypatch, capsys, tmp_path, clip_run, mode,
     assert torch.equal(tuned[encoder_key], clip_state[encoder_key]) == freeze
 
 
+def test_resume_is_exact(tmp_path, data_dir):
+    # Random crops, dropout and ProbSparse key sampling must all follow the saved state.
+    def config(out, steps):
+        cfg = AstroM3Config()
+        for item in TINY:
+            key, value = item.split("=")
+            if key.startswith("model."):
+                setattr(cfg.model, key[6:], [4, 4, 4, 4] if key.endswith("channels") else int(value))
+        cfg.data.path = str(data_dir)
+        cfg.train.out, cfg.train.max_steps, cfg.train.batch_size = str(out), steps, 16
+        cfg.train.num_workers, cfg.train.progress, cfg.train.eval_every = 0, False, 100
+        cfg.train.schedule.decay_steps = 6
+        return cfg
+
+    AstroM3Trainer(config(tmp_path / "straight", 6)).fit()
+    AstroM3Trainer(config(tmp_path / "resumed", 4)).fit()
+    AstroM3Trainer(config(tmp_path / "resumed", 6)).fit(resume=True)
+    a = ckpt.read_safetensors(ckpt.latest_checkpoint(tmp_path / "straight") / ckpt.MODEL_FILE)
+    b = ckpt.read_safetensors(ckpt.latest_checkpoint(tmp_path / "resumed") / ckpt.MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_metric_of_another_mode_is_a_config_error():
     cfg = AstroM3Config()
     cfg.model.mode = "photo"

@@ -193,9 +193,6 @@ class AstroM3Trainer(BaseTrainer):
                 if name != "head":
                     module.eval()
 
-    def batch_ids(self, batch: Any) -> list:
-        return batch["object_id"].tolist()
-
     # -------------------------------------------------------------- loss and metrics
 
     def _step(self, model: nn.Module, batch: dict[str, torch.Tensor], evaluating: bool) -> tuple[StepOutput, dict[str, torch.Tensor]]:
