@@ -26,6 +26,7 @@ from fmb.data.synth import write_synthetic
 from fmb.models.astrom3.embed import embed
 from fmb.models.astrom3.trainer import AstroM3Trainer, classification_metrics
 from fmb.recipes import RunRequest, load_run_config
+from fmb.train.checkpoint import step_dirname
 
 
 def train(out: Path, sets: list[str]) -> Path:
@@ -66,8 +67,9 @@ def main() -> None:
     if not (data / "train-00000-of-00001.parquet").is_file():
         write_synthetic("astrom3", data, args.objects, args.seed)
     common = [f"data.path={data}", f"train.seed={args.seed}"]
-    clip = train(args.out / "clip", [*common, f"train.max_steps={args.clip_steps}",
-                                     f"train.checkpoint.every={args.clip_steps}"])
+    clip = args.out / "clip"
+    if not (clip / "checkpoints" / step_dirname(args.clip_steps)).is_dir():  # reuse a finished CLIP run
+        train(clip, [*common, f"train.max_steps={args.clip_steps}", f"train.checkpoint.every={args.clip_steps}"])
     finetune = [f"data.path={data}", "model.mode=photo", f"data.label_fraction={args.label_fraction}",
                 "train.batch_size=32", f"train.max_steps={args.finetune_steps}", "train.eval_every=15",
                 "train.log_every=15", "train.checkpoint.every=15", "train.checkpoint.keep_last=1",
