@@ -208,7 +208,7 @@ def upstream_layout(model: AstroM3) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def test_convert_upstream_layout_strictly(tmp_path):
+def test_convert_upstream_layout_strictly(monkeypatch, capsys, tmp_path):
     cfg = AstroM3ModelConfig(embed_dim=16, seq_len=32, d_model=16, n_heads=2, n_layers=2, d_ff=32, factor=2,
                              conv_channels=[4, 4, 4, 4], m_hidden=16)
     torch.manual_seed(0)
@@ -221,7 +221,9 @@ def test_convert_upstream_layout_strictly(tmp_path):
     save_file(state, str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps({"p_n_heads": 2, "p_factor": 2, "s_mp_kernel_size": 4}))
 
-    out = convert(src, tmp_path / "converted")
+    out = tmp_path / "converted"
+    code, _, err = run(monkeypatch, capsys, "convert", "astrom3", str(src), "--out", str(out))
+    assert code == 0, err
     meta = ckpt.check_family(out, "astrom3")
     assert meta["step"] == 0
     converted = ckpt.read_safetensors(out / ckpt.MODEL_FILE)

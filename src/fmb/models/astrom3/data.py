@@ -51,7 +51,7 @@ class AstroM3DataConfig:
     train_split: str = "train"
     val_split: str = "validation"
     classes: list[str] = field(default_factory=lambda: list(CLASSES))  # the class order, saved with the run
-    label_fraction: float = 1.0  # keep this fraction of the training labels (by object id hash)
+    label_fraction: float = 1.0  # fine-tuning: keep this fraction of the training labels (hash of id and train.seed)
     bad_rows: Literal["error", "mask"] = "error"
     cache_row_groups: int = 64
     # --demo: write this many synthetic objects under <run dir>/data when data.path is unset.
