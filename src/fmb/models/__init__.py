@@ -35,6 +35,7 @@ class Family:
 # name -> ("module:attribute", one-line summary)
 BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
     "astropt": ("fmb.models.astropt:FAMILY", "multimodal patch-GPT on Euclid images + DESI spectra"),
+    "astrom3": ("fmb.models.astrom3:FAMILY", "trimodal CLIP: light curves, spectra, metadata; variable-star classifiers"),
 }
 
 _registered: dict[str, Family] = {}

@@ -1,0 +1,270 @@
+"""AstroM3 training: trimodal CLIP pre-training (`model.mode: clip`) and classification
+fine-tuning (`photo`, `spectra`, `meta`, `all`), from scratch or from a CLIP checkpoint
+(`model.init_from`), optionally with frozen encoders.
+
+Validation reports `loss` and `retrieval_acc` (CLIP: how often the partner of an object is the
+best match within its batch, averaged over the three pairs and both directions), or `loss`,
+`accuracy`, `macro_f1` and `recall_<class>` (classification); the confusion matrix of every
+validation is written to `<run>/confusion/step_NNNNNNN.json` and `<run>/confusion_matrix.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fmb.config import ConfigLayers, build
+from fmb.errors import CheckpointError, ConfigError
+from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset, metadata_statistics
+from fmb.models.astrom3.model import CLIP_PAIRS, AstroM3, AstroM3ModelConfig, trimodal_clip_loss
+from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train import checkpoint as ckpt
+from fmb.train.distributed import all_reduce_sum
+from fmb.train.loader import to_device
+
+log = logging.getLogger("fmb")
+
+INPUTS = ("photometry", "photometry_mask", "spectra", "metadata")
+
+
+@dataclass
+class AstroM3Config(BaseTrainingConfig):
+    model: AstroM3ModelConfig = field(default_factory=AstroM3ModelConfig)
+    data: AstroM3DataConfig = field(default_factory=AstroM3DataConfig)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step directory as given, or the best (else newest) checkpoint of a run directory."""
+    path = Path(path)
+    if (path / ckpt.META_FILE).is_file():
+        return path
+    best = path / "checkpoints" / "best.json"
+    if best.is_file():
+        directory = path / "checkpoints" / json.loads(best.read_text())["dir"]
+        if ckpt.is_complete(directory):
+            return directory
+    latest = ckpt.latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} is neither an fmb checkpoint directory nor a run directory with checkpoints")
+    return latest
+
+
+def load_checkpoint_config(directory: Path) -> AstroM3Config:
+    ckpt.check_family(directory, "astrom3")
+    layers = ConfigLayers()
+    layers.add_file(directory / ckpt.CONFIG_FILE)
+    return build(AstroM3Config, layers)
+
+
+def load_pretrained(model: AstroM3, source: str | Path) -> Path:
+    """Copy every encoder, projection and metadata-statistics tensor the model has from an
+    astrom3 checkpoint (a CLIP run holds all of them); the classification head stays new."""
+    directory = resolve_checkpoint(source)
+    ckpt.check_family(directory, "astrom3")
+    state = ckpt.read_safetensors(directory / ckpt.MODEL_FILE)
+    wanted = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    missing = [k for k in wanted if k not in state]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in wanted.items() if k in state and state[k].shape != v.shape]
+    if missing or wrong:
+        raise CheckpointError(
+            f"{directory} cannot initialise this model (model.* architecture settings must match the "
+            f"checkpoint's): missing {missing[:8]}, shape mismatch {wrong[:8]}")
+    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    return directory
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def classification_metrics(confusion: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Accuracy, macro-F1 (over classes present in truth or predictions) and per-class recall
+    from a confusion matrix with true classes as rows."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    true = confusion.sum(1)
+    pred = confusion.sum(0)
+    out = {"accuracy": float(tp.sum() / max(confusion.sum(), 1.0))}
+    present = (true + pred) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(true + pred, 1e-12), 0.0)
+    out["macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+    for i, name in enumerate(classes):
+        if true[i] > 0:
+            out[f"recall_{name}"] = float(tp[i] / true[i])
+    return out
+
+
+def retrieval_hits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Number of rows of a whose best match in b is its partner, plus the same from b to a."""
+    sim = a.float() @ b.float().T
+    target = torch.arange(len(a), device=a.device)
+    return (sim.argmax(1) == target).sum() + (sim.argmax(0) == target).sum()
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class AstroM3Trainer(BaseTrainer):
+    family = "astrom3"
+    config_cls = AstroM3Config
+    summary_keys = ("masked",)
+
+    def __init__(self, config: AstroM3Config) -> None:
+        super().__init__(config)
+        mode = config.model.mode
+        produced = ({"val/loss", "val/retrieval_acc"} if mode == "clip"
+                    else {"val/loss", "val/accuracy", "val/macro_f1"})
+        for key, name in (("train.checkpoint.best_metric", config.train.checkpoint.best_metric),
+                          ("train.early_stopping.metric", config.train.early_stopping.metric),
+                          ("train.schedule.plateau_metric", config.train.schedule.plateau_metric)):
+            if name is not None and name not in produced:
+                raise ConfigError(f"{key}={name} is not reported in model.mode={mode}; "
+                                  f"choose one of {', '.join(sorted(produced))}")
+        if mode == "clip" and (config.model.init_from or config.model.freeze_encoders):
+            raise ConfigError("model.init_from and model.freeze_encoders apply to fine-tuning modes, not model.mode=clip")
+        self.metadata_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_confusion: np.ndarray | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.config.data.classes
+
+    # -------------------------------------------------------------- data
+
+    def prepare(self) -> None:
+        data = self.config.data
+        if data.path is not None:
+            return
+        if data.synthetic_objects <= 0:
+            raise ConfigError("set data.path to an AstroM3 parquet directory (or ${paths.astrom3}), or use --demo")
+        from fmb.data.synth.astrom3 import write
+
+        target = self.run_dir / "data"
+        with self.main_process_first():
+            if not (target / "train-00000-of-00001.parquet").is_file():
+                log.info(f"writing {data.synthetic_objects} synthetic AstroM3 objects to {target}")
+                write(target, data.synthetic_objects, self.cfg.seed)
+        data.path = str(target)  # recorded in the checkpoints' config.yaml
+
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
+        data = self.config.data
+        common = dict(classes=self.classes, seq_len=self.config.model.seq_len, bad_rows=data.bad_rows,
+                      seed=self.cfg.seed, cache_row_groups=data.cache_row_groups)
+        train = AstroM3Dataset(data.path, data.train_split, train=True,
+                               label_fraction=data.label_fraction if self.config.model.mode != "clip" else 1.0,
+                               **common)
+        val = AstroM3Dataset(data.path, data.val_split, train=False, **common)
+        self.metadata_stats = metadata_statistics(train.metadata_matrix())
+        return train, val
+
+    # -------------------------------------------------------------- model
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config.model
+        model = AstroM3(cfg, num_classes=len(self.classes))
+        if self.metadata_stats is not None:
+            mean, std = self.metadata_stats
+            model.set_metadata_stats(torch.from_numpy(mean), torch.from_numpy(std))
+        if cfg.init_from:
+            source = load_pretrained(model, cfg.init_from)
+            log.info(f"encoders and metadata statistics initialised from {source}")
+        if cfg.freeze_encoders:
+            for name, param in model.named_parameters():
+                if not name.startswith("head."):
+                    param.requires_grad_(False)
+        return model
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.config.model.freeze_encoders:  # frozen encoders also keep dropout off
+            for name, module in model.named_children():
+                if name != "head":
+                    module.eval()
+
+    # -------------------------------------------------------------- loss and metrics
+
+    def _step(self, model: nn.Module, batch: dict[str, torch.Tensor], evaluating: bool) -> tuple[StepOutput, dict[str, torch.Tensor]]:
+        """The loss over the valid rows, and summed evaluation statistics."""
+        valid = batch["valid"]
+        out = model(*(batch[k] for k in INPUTS))
+        n_valid = valid.sum()
+        masked = (~valid).float().mean()
+        sums: dict[str, torch.Tensor] = {"n": n_valid.double(), "masked": (~valid).sum().double()}
+        if self.config.model.mode == "clip":
+            # Rows are dropped from all three modalities together, so pairs stay aligned.
+            emb = {name: out[name][valid] for name, _ in CLIP_PAIRS}
+            if len(emb["photometry"]) < 2:
+                loss = out["scales"].sum() * 0.0 + sum(e.sum() for e in emb.values()) * 0.0
+                return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(valid)), sums
+            parts = trimodal_clip_loss(emb, out["scales"])
+            loss = parts.pop("loss")
+            components = {**parts, "masked": masked}
+            for i, name in enumerate(("scale_ps", "scale_sm", "scale_mp")):
+                components[name] = out["scales"][i].detach()
+            if evaluating:
+                sums["loss"] = loss.double() * n_valid
+                for name, value in parts.items():
+                    sums[name] = value.double() * n_valid
+                sums["hits"] = sum(retrieval_hits(emb[a], emb[b]) for a, b in CLIP_PAIRS).double()
+            return StepOutput(loss=loss, components=components, n_samples=len(valid)), sums
+        logits = out["logits"].float()[valid]
+        labels = batch["label"][valid]
+        loss = F.cross_entropy(logits, labels) if len(labels) else out["logits"].sum() * 0.0
+        if evaluating:
+            k = len(self.classes)
+            sums["loss"] = loss.double() * n_valid
+            sums["confusion"] = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).double()
+        return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(valid)), sums
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> StepOutput:
+        return self._step(model, batch, evaluating=False)[0]
+
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        clip = self.config.model.mode == "clip"
+        k = len(self.classes)
+        names = ["n", "masked", "loss"]
+        if clip:
+            names += [f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS] + ["hits"]
+        totals = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in names}
+        totals["confusion"] = torch.zeros(k * k, dtype=torch.float64, device=self.device)
+        for batch in loader:
+            batch = to_device(batch, self.device)
+            with self.autocast():
+                _, sums = self._step(model, batch, evaluating=True)
+            for name, value in sums.items():
+                totals[name] = totals[name] + value
+        packed = all_reduce_sum(torch.cat([totals[n].reshape(1) for n in names] + [totals["confusion"]]), self.dist)
+        values = dict(zip(names, packed[: len(names)].cpu().tolist(), strict=True))
+        n = max(values.pop("n"), 1.0)
+        metrics = {"masked": values.pop("masked")}
+        if clip:
+            metrics["retrieval_acc"] = values.pop("hits") / (n * 2 * len(CLIP_PAIRS))
+            metrics.update({name: value / n for name, value in values.items()})
+            return metrics
+        metrics["loss"] = values["loss"] / n
+        self.last_confusion = packed[len(names):].cpu().numpy().reshape(k, k)
+        metrics.update(classification_metrics(self.last_confusion, self.classes))
+        return metrics
+
+    def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
+        if self.last_confusion is None or not self.dist.is_main:
+            return
+        record = {"step": step, "classes": self.classes, "rows": "true class", "columns": "predicted class",
+                  "matrix": self.last_confusion.astype(int).tolist(), "metrics": metrics}
+        folder = self.run_dir / "confusion"
+        folder.mkdir(exist_ok=True)
+        text = json.dumps(record, indent=1)
+        (folder / f"{ckpt.step_dirname(step)}.json").write_text(text)
+        (self.run_dir / "confusion_matrix.json").write_text(text)
