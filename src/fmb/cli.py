@@ -210,6 +210,42 @@ def embed(
 
 
 @app.command()
+def bench(
+    model: ModelArg,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    preset: Annotated[str | None, typer.Option(help="Model size preset (sets model.preset).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-process micro-batch size.")] = None,
+    compile_model: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    steps: Annotated[int, typer.Option(help="Timed optimizer steps (after 3 warm-up steps).")] = 10,
+    demo: Annotated[bool, typer.Option("--demo/--no-demo", help="Use the demo recipe's synthetic data (default) or the configured data.")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures as JSON.")] = None,
+    paths: PathsOpt = None,
+) -> None:
+    """Measure training throughput (samples/s, tokens/s), MFU, loader samples/s and peak memory."""
+    import json
+    import tempfile
+
+    from fmb.models import get_family
+    from fmb.recipes import load_run_config
+    from fmb.train.bench import format_table, run_bench
+
+    family = get_family(model)
+    sets = list(set_ or []) + ([f"model.preset={preset}"] if preset else []) + (["train.compile=true"] if compile_model else [])
+    with tempfile.TemporaryDirectory(prefix="fmb-bench-") as scratch:
+        request = _run_request(model, config, sets, demo, paths, out=scratch, batch_size=batch_size, device=device,
+                               max_steps=None, epochs=None, lr=None, seed=None)
+        run_config, _ = load_run_config(request, family.trainer.config_cls)
+        run_config.train.progress = False
+        result = run_bench(family.trainer(run_config), steps=steps)
+    typer.echo(f"fmb bench {model}")
+    typer.echo(format_table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+@app.command()
 def evaluate(
     embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`).")],
     target: Annotated[list[str], typer.Option("--target", "-t", help="Target column (repeatable), e.g. redshift.")],

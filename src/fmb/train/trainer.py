@@ -211,18 +211,20 @@ class BaseTrainer:
     # ------------------------------------------------------------------ run
 
     def fit(self, resume: bool = False) -> RunResult:
+        try:
+            self.setup(resume)
+            return self._loop()
+        finally:
+            self.close()
+
+    def setup(self, resume: bool = False) -> None:
+        """Everything before the first step: processes, run directory, data, model, optimizer,
+        schedule, and the resumed state. (`fit` = setup + loop; `fmb bench` times steps after it.)"""
         self._seed_everything(self.cfg.seed)
         self.device = resolve_device(self.cfg.device, 0)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = resolve_device(self.cfg.device, self.dist.local_rank)
-        try:
-            return self._fit(resume)
-        finally:
-            self._close_logging()
-            shutdown_distributed()
-
-    def _fit(self, resume: bool) -> RunResult:
         cfg = self.cfg
         self._setup_run_dir()
         self._setup_precision()
@@ -274,7 +276,10 @@ class BaseTrainer:
         if resume:
             self._resume()
         self._log_start(train_set, val_set, groups)
-        return self._loop()
+
+    def close(self) -> None:
+        self._close_logging()
+        shutdown_distributed()
 
     def _loop(self) -> RunResult:
         cfg = self.cfg
@@ -321,7 +326,7 @@ class BaseTrainer:
                     interval["tokens"] += out.n_tokens
                 recent_ids.append((prog.step, step_ids))
 
-                grad_norm, found_inf = self._optimizer_step()
+                grad_norm, found_inf = self.optimizer_step()
                 meter.add({"grad_norm": grad_norm})
                 nonfinite_streak = (nonfinite_streak + found_inf) * found_inf
                 nonfinite_count = nonfinite_count + found_inf
@@ -385,7 +390,7 @@ class BaseTrainer:
             prog.epoch += 1
             prog.batches_in_epoch = 0
 
-    def _optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip, step (skipped on the device when the gradient norm is not finite), zero grads."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
