@@ -153,21 +153,21 @@ def test_bad_rows_masked_keep_losses_finite(monkeypatch, capsys, tmp_path, data_
 def test_embed_cli_writes_embeddings(monkeypatch, capsys, tmp_path, clip_run):
     out = tmp_path / "emb.parquet"
     code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(clip_run), "--out", str(out),
-                       "--device", "cpu", "--set", "split=test")
+                       "--device", "cpu", "--split", "test")
     assert code == 0, err
     table = pq.read_table(out)
     assert table.num_rows == 8
     assert {"object_id", "label", "class_index", "valid"} <= set(table.column_names)
     for name in ("photometry", "spectra", "metadata"):
-        values = np.array(table.column(f"{name}_embedding").to_pylist(), dtype=np.float32)
+        values = np.array(table.column(f"embedding_{name}").to_pylist(), dtype=np.float32)
         assert values.shape == (8, 16)
         np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, rtol=1e-5)
     expected = pq.read_table(clip_run / "data" / "test-00000-of-00001.parquet", columns=["object_id", "label"])
     assert table.column("object_id").to_pylist() == expected.column("object_id").to_pylist()
     assert table.column("label").to_pylist() == expected.column("label").to_pylist()
     code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(clip_run), "--out", str(out),
-                       "--set", "splt=test")
-    assert code == 2 and "split=NAME" in err
+                       "--set", "split=test")
+    assert code == 2 and "--split NAME" in err
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -1,8 +1,8 @@
-"""`fmb embed astropt`: per-object embeddings of a trained AstroPT to parquet.
+"""`fmb embed astropt`: per-object embeddings of a trained AstroPT, in fmb's embedding schema.
 
-Columns: object_id, targetid, redshift, `embedding_<modality>` (float32 lists; null where the
-modality is absent for that object) and `embedding_joint` = normalize(normalize(image) +
-normalize(spectrum)) (the image or spectrum alone where the other is absent).
+Columns: object_id, targetid, redshift, `embedding_images`, `embedding_spectra` (L2-normalised;
+null where the modality is absent for that object) and `embedding_joint` =
+normalize(normalize(image) + normalize(spectrum)) (one of them alone where the other is absent).
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from fmb.config import ConfigLayers, build, parse_set_option
 from fmb.data.euclid_desi import open_split
 from fmb.data.tables import available_splits
+from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.errors import ConfigError, DataError
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 from fmb.models.astropt.trainer import AstroPTConfig, build_astropt, load_into, model_inputs
@@ -63,39 +61,21 @@ def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]
         raise DataError("nothing to embed: the selected split is empty")
 
     dataset = EuclidDesiPatches(rows, config.model.modalities, data_cfg.image_size, data_cfg.spectrum_length)
-    loader = DataLoader(dataset, batch_size=options.get("batch_size", 64), num_workers=options.get("num_workers", 2),
+    writer = EmbeddingWriter(out)
+    remaining = Subset(dataset, range(writer.rows_done, len(dataset)))
+    loader = DataLoader(remaining, batch_size=options.get("batch_size", 64), num_workers=options.get("num_workers", 2),
                         pin_memory=device.type == "cuda")
     layer, reduction = options.get("layer", "middle"), options.get("reduction", "mean")
-    names = [m.name for m in model.modalities]
-    columns: dict[str, list] = {"object_id": [], "targetid": [], "redshift": []}
-    vectors: dict[str, list] = {name: [] for name in names}
-    present: dict[str, list] = {name: [] for name in names}
     for batch in tqdm(loader, desc="embed astropt", unit="batch", disable=None):
-        for key in columns:
-            columns[key].append(batch[key].numpy())
+        targets = {"targetid": batch["targetid"].numpy(), "redshift": batch["redshift"].numpy()}
+        object_id = batch["object_id"].numpy()
         batch = to_device(batch, device)
         tokens, positions, masks = model_inputs(model.modalities, batch)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out_vectors = model.embed(tokens, positions, masks, layer=layer, reduction=reduction)
-        for name in names:
-            vectors[name].append(F.normalize(out_vectors[name].float(), dim=-1).cpu())
-            present[name].append(masks[name].any(dim=1).cpu())
-    return write_embeddings(out, columns, vectors, present)
-
-
-def write_embeddings(out: Path, columns: dict[str, list], vectors: dict[str, list], present: dict[str, list]) -> Path:
-    table = {key: np.concatenate(parts) for key, parts in columns.items()}
-    stacked = {name: torch.cat(parts) for name, parts in vectors.items()}
-    mask = {name: torch.cat(parts) for name, parts in present.items()}
-    joint = sum(stacked[name] * mask[name][:, None] for name in stacked)
-    stacked["joint"] = F.normalize(joint, dim=-1)
-    mask["joint"] = torch.stack(list(mask.values())).any(dim=0)
-    for name, values in stacked.items():
-        width = values.shape[1]
-        flat = pa.array(values.numpy().astype(np.float32).reshape(-1))
-        absent = pa.array(~mask[name].numpy())
-        table[f"embedding_{name}"] = pa.FixedSizeListArray.from_arrays(flat, width, mask=absent)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(table), out)
-    return out
+            vectors = model.embed(tokens, positions, masks, layer=layer, reduction=reduction)
+        vectors = {name: F.normalize(v.float(), dim=-1) for name, v in vectors.items()}
+        present = {name: masks[name].any(dim=1) for name in vectors}
+        vectors["joint"] = joint_embedding(vectors, present)
+        present["joint"] = torch.stack(list(present.values())).any(dim=0)
+        writer.add(object_id, targets, vectors, present)
+    return writer.finish()

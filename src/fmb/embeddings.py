@@ -1,0 +1,88 @@
+"""The one embedding-file schema every `fmb embed <model>` writes, and its resumable writer.
+
+Columns: `object_id` (int64), the targets the data has (redshift, label, ...), and one
+`embedding_<name>` column per modality (plus `embedding_joint` where a family has several):
+fixed-size lists of float32, null where that modality is absent for the object.
+
+Rows are appended to shards under `<out>.parts/` as they are computed; an interrupted run
+started again skips the rows already written. `finish` joins the shards into `<out>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("fmb")
+
+EMBEDDING_PREFIX = "embedding_"
+
+
+def joint_embedding(vectors: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
+    """normalize(sum of the L2-normalised modality embeddings an object has)."""
+    total = sum(F.normalize(v.float(), dim=-1) * present[k][:, None].to(v.device) for k, v in vectors.items())
+    return F.normalize(total, dim=-1)
+
+
+class EmbeddingWriter:
+    def __init__(self, out: Path, shard_rows: int = 20_000) -> None:
+        self.out = Path(out)
+        self.parts = self.out.with_name(self.out.name + ".parts")
+        self.shard_rows = shard_rows
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        shards = sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
+        self.shard_count = len(shards)
+        self.rows_done = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+        if self.rows_done:
+            log.info(f"{self.parts}: {self.rows_done} rows already embedded; continuing after them")
+
+    def add(self, object_id: np.ndarray, targets: dict[str, np.ndarray | list], embeddings: dict[str, torch.Tensor | np.ndarray],
+            present: dict[str, np.ndarray | torch.Tensor] | None = None) -> None:
+        columns: dict[str, pa.Array] = {"object_id": pa.array(np.asarray(object_id, dtype=np.int64))}
+        for name, values in targets.items():
+            columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
+        for name, matrix in embeddings.items():
+            matrix = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, np.float32)
+            mask = None
+            if present is not None and name in present:
+                keep = present[name].cpu().numpy() if isinstance(present[name], torch.Tensor) else np.asarray(present[name])
+                mask = pa.array(~keep.astype(bool))
+            flat = pa.array(matrix.astype(np.float32).reshape(-1))
+            columns[f"{EMBEDDING_PREFIX}{name}"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=mask)
+        table = pa.table(columns)
+        self.buffer.append(table)
+        self.buffered += table.num_rows
+        if self.buffered >= self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        self.parts.mkdir(parents=True, exist_ok=True)
+        shard = self.parts / f"part-{self.shard_count:05d}.parquet"
+        tmp = shard.with_suffix(".tmp")
+        pq.write_table(pa.concat_tables(self.buffer), tmp)
+        os.replace(tmp, shard)
+        self.shard_count += 1
+        self.rows_done += self.buffered
+        self.buffer, self.buffered = [], 0
+
+    def finish(self) -> Path:
+        self._flush()
+        shards = sorted(self.parts.glob("part-*.parquet"))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        tables = [pq.read_table(s) for s in shards]
+        pq.write_table(pa.concat_tables(tables) if tables else pa.table({"object_id": pa.array([], pa.int64())}), tmp)
+        os.replace(tmp, self.out)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        return self.out
