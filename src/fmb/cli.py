@@ -56,7 +56,6 @@ def _setup_logging(level: int) -> None:
         handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("[fmb] %(message)s"))
         logger.addHandler(handler)
-    logger.propagate = False
 
 
 class _TqdmHandler(logging.StreamHandler):
