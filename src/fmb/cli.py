@@ -311,7 +311,8 @@ def doctor(paths: PathsOpt = None) -> None:
     import torch
 
     from fmb import __version__
-    from fmb.paths import find_paths_file, repo_root
+    from fmb.externals import EXTERNALS, upstream_status
+    from fmb.paths import find_paths_file
 
     typer.echo(f"fmb {__version__} | python {sys.version.split()[0]} | torch {torch.__version__}")
     if torch.cuda.is_available():
@@ -320,18 +321,14 @@ def doctor(paths: PathsOpt = None) -> None:
             typer.echo(f"  cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB (CUDA {torch.version.cuda})")
     else:
         typer.echo(f"  CUDA: not available; CPU threads {torch.get_num_threads()}")
-    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "astropt (parity)": "astropt",
-              "aion (parity)": "aion", "pytest (dev)": "pytest"}
+    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "pytest (dev)": "pytest"}
     for label, module in extras.items():
         typer.echo(f"  extra {label:<18} {'installed' if importlib.util.find_spec(module) else 'not installed'}")
-    root = repo_root()
-    external = root / "external" if root else None
-    if external and external.is_dir():
-        for child in sorted(external.iterdir()):
-            filled = child.is_dir() and any(child.iterdir())
-            typer.echo(f"  external/{child.name:<14} {'present' if filled else 'empty (git submodule update --init)'}")
-    else:
-        typer.echo("  external/: none (optional upstream code)")
+    for found in upstream_status():  # optional upstream code, for parity checks only
+        directory = EXTERNALS[found.name].directory
+        where = {"external": f"present: external/{directory}", "installed": f"installed: {found.path}",
+                 "absent": f"absent (git submodule update --init external/{directory})"}[found.where]
+        typer.echo(f"  upstream {found.name:<12} {where}")
     typer.echo(f"  models: {', '.join(family_names()) or 'none'}")
     found = find_paths_file(paths)
     typer.echo(f"  paths file: {found.file or 'none found'}")
