@@ -77,6 +77,7 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("sbatch", FAKE_SBATCH)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    (bin_dir / "python").symlink_to(sys.executable)  # the scripts call `python`: make it this one
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "CUDA_VISIBLE"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}",
