@@ -144,3 +144,13 @@ def test_missing_and_invalid_config_files(tmp_path):
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         ConfigLayers().add_file(bad)
+
+
+def test_slurm_settings_are_read_as_written_not_as_paths(tmp_path):
+    paths = tmp_path / "paths_local.yaml"
+    paths.write_text("runs: r\nslurm_account: abc\nslurm_modules: [pytorch-gpu/py3/2.5.0]\nslurm_qos:\n")
+    found = find_paths_file(paths)
+    assert found.resolved() == {"runs": str(tmp_path / "r")}
+    assert found.setting("slurm_account") == "abc"
+    assert found.setting("slurm_modules") == ["pytorch-gpu/py3/2.5.0"]
+    assert found.setting("slurm_qos") is None and found.setting("slurm_partition") is None

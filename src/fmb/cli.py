@@ -280,12 +280,74 @@ def detect(
 
 
 @app.command()
+def slurm(
+    model: ModelArg,
+    cluster: Annotated[str, typer.Option(help="jean-zay or candide.")],
+    nodes: Annotated[int, typer.Option(help="Nodes.")] = 1,
+    gpus_per_node: Annotated[int | None, typer.Option(help="GPUs (= tasks) per node; default: all of a node.")] = None,
+    constraint: Annotated[str | None, typer.Option(help="Node kind (-C); Jean-Zay: a100 (default) or h100.")] = None,
+    partition: Annotated[str | None, typer.Option(help="Partition (default: slurm_partition of paths_local.yaml).")] = None,
+    account: Annotated[str | None, typer.Option(help="Account (default: slurm_account of paths_local.yaml).")] = None,
+    qos: Annotated[str | None, typer.Option(help="QoS (default: slurm_qos of paths_local.yaml).")] = None,
+    time: Annotated[str | None, typer.Option(help="Time limit per job, [D-]HH:MM:SS (the run continues across requeues).")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(help="Cores per GPU task (default: the node's cores per GPU).")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory on the cluster (default: ${FMB_RUNS:-<cluster runs dir>}/<model>).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    script: Annotated[Path | None, typer.Option(help="Write the script here (default: print it; with --submit ./fmb-<label>.sbatch).")] = None,
+    submit: Annotated[bool, typer.Option("--submit", help="Write the script and submit it with sbatch.")] = False,
+    paths: PathsOpt = None,
+) -> None:
+    """Render an sbatch script for `fmb retrain` (one task per GPU, requeued across time limits)."""
+    import shutil
+    import subprocess
+
+    from fmb.errors import ConfigError
+    from fmb.paths import find_paths_file
+    from fmb.slurm import SlurmJob, job_label, render
+
+    if model not in family_names():
+        raise ConfigError(f"unknown model '{model}'. Valid models: {', '.join(family_names())}")
+    found = find_paths_file(paths)
+    modules, setup = found.setting("slurm_modules") or [], found.setting("slurm_setup") or []
+    extra = [arg for c in config or [] for arg in ("--config", str(Path(c).resolve()))]
+    extra += [arg for s in set_ or [] for arg in ("--set", s)]
+    job = SlurmJob(
+        model=model, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
+        constraint=constraint or found.setting("slurm_constraint"),
+        partition=partition or found.setting("slurm_partition"),
+        account=account or found.setting("slurm_account"),
+        qos=qos or found.setting("slurm_qos"),
+        modules=tuple(str(m) for m in ([modules] if isinstance(modules, str) else modules)),
+        setup=tuple(str(s) for s in ([setup] if isinstance(setup, str) else setup)),
+        time=time, out=str(Path(out).resolve()) if out and "$" not in out else out,
+        cpus_per_task=cpus_per_task, retrain_args=tuple(extra),
+    )
+    text = render(job)
+    if submit and script is None:
+        script = Path(f"fmb-{cluster}-{job_label(job)}.sbatch")
+    if script is None:
+        typer.echo(text, nl=False)
+        return
+    script.write_text(text, encoding="utf-8")
+    typer.echo(f"wrote {script}")
+    if submit:
+        if shutil.which("sbatch") is None:
+            raise ConfigError("sbatch not found: submit from a SLURM login node")
+        result = subprocess.run(["sbatch", str(script)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ConfigError(f"sbatch {script} failed: {result.stderr.strip() or result.stdout.strip()}")
+        typer.echo(result.stdout.strip())
+
+
+@app.command()
 def doctor(paths: PathsOpt = None) -> None:
     """Check the installation: torch, devices, optional extras, externals and dataset paths."""
     import torch
 
     from fmb import __version__
-    from fmb.paths import find_paths_file, repo_root
+    from fmb.externals import EXTERNALS, upstream_status
+    from fmb.paths import find_paths_file
 
     typer.echo(f"fmb {__version__} | python {sys.version.split()[0]} | torch {torch.__version__}")
     if torch.cuda.is_available():
@@ -294,18 +356,14 @@ def doctor(paths: PathsOpt = None) -> None:
             typer.echo(f"  cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB (CUDA {torch.version.cuda})")
     else:
         typer.echo(f"  CUDA: not available; CPU threads {torch.get_num_threads()}")
-    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "astropt (parity)": "astropt",
-              "aion (parity)": "aion", "pytest (dev)": "pytest"}
+    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "pytest (dev)": "pytest"}
     for label, module in extras.items():
         typer.echo(f"  extra {label:<18} {'installed' if importlib.util.find_spec(module) else 'not installed'}")
-    root = repo_root()
-    external = root / "external" if root else None
-    if external and external.is_dir():
-        for child in sorted(external.iterdir()):
-            filled = child.is_dir() and any(child.iterdir())
-            typer.echo(f"  external/{child.name:<14} {'present' if filled else 'empty (git submodule update --init)'}")
-    else:
-        typer.echo("  external/: none (optional upstream code)")
+    for found in upstream_status():  # optional upstream code, for parity checks only
+        directory = EXTERNALS[found.name].directory
+        where = {"external": f"present: external/{directory}", "installed": f"installed: {found.path}",
+                 "absent": f"absent (git submodule update --init external/{directory})"}[found.where]
+        typer.echo(f"  upstream {found.name:<12} {where}")
     typer.echo(f"  models: {', '.join(family_names()) or 'none'}")
     found = find_paths_file(paths)
     typer.echo(f"  paths file: {found.file or 'none found'}")

@@ -1,7 +1,8 @@
 """Where this machine keeps data and weights: `paths_local.yaml`, referenced as `${paths.NAME}`.
 
 Lookup order: `--paths FILE`, `$FMB_PATHS`, `./paths_local.yaml`, the repository root.
-Relative entries are relative to the file that holds them.
+Relative entries are relative to the file that holds them. Entries named `slurm_*` are job
+settings for `fmb slurm` (account, QoS, modules), not paths: they are read as written.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fmb.config import read_yaml
 from fmb.errors import ConfigError
 
 PATHS_FILENAME = "paths_local.yaml"
+SETTING_PREFIX = "slurm_"  # entries with this prefix are settings, never resolved as paths
 
 
 def repo_root() -> Path | None:
@@ -40,7 +42,13 @@ class PathsFile:
     searched: list[str] = field(default_factory=list)
 
     def resolved(self) -> dict[str, str | None]:
-        return {name: self._absolute(value) for name, value in self.entries.items()}
+        return {name: self._absolute(value) for name, value in self.entries.items()
+                if not name.startswith(SETTING_PREFIX)}
+
+    def setting(self, name: str) -> Any:
+        """A `slurm_*` setting as written in the file (None when absent or empty)."""
+        value = self.entries.get(name)
+        return None if value in (None, "", []) else value
 
     def _absolute(self, value: Any) -> str | None:
         if value in (None, ""):
