@@ -380,7 +380,8 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
                         "--batch-size", "8")
     assert code == 0, err
     table = pq.read_table(out)
-    assert {"object_id", "targetid", "redshift", "embedding_images", "embedding_spectra", "embedding_joint"} <= set(table.column_names)
+    assert {"object_id", "targetid", "redshift", "embedding_images", "embedding_spectra", "embedding_joint",
+            "truth_type", "truth_half_light_px"} <= set(table.column_names)
     joint = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(joint, axis=1), 1.0, rtol=1e-5)
     assert table.column("embedding_images").type.value_type == pa.float32()

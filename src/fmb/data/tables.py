@@ -79,6 +79,11 @@ def resolve_files(path: str | Path, split: str | None) -> list[Path]:
     return files
 
 
+def column_names(path: str | Path, split: str | None = None) -> list[str]:
+    """The columns of a dataset (from its first file's schema), without reading any rows."""
+    return _inspect(resolve_files(path, split)[0])[0].names
+
+
 def _split_of(file: Path) -> str:
     match = _SHARD.match(file.name)
     return match.group("split") if match else file.stem.split("-")[0]

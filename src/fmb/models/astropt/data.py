@@ -43,8 +43,10 @@ def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple
 
 
 class EuclidDesiPatches(Dataset):
-    def __init__(self, rows: SplitRows, modalities: list[Modality], image_size: int, spectrum_length: int) -> None:
+    def __init__(self, rows: SplitRows, modalities: list[Modality], image_size: int, spectrum_length: int,
+                 extra_columns: tuple[str, ...] = ()) -> None:
         self.rows = rows
+        self.extra_columns = extra_columns  # scalar columns passed through (latent truth, for embeddings)
         self.modalities = {m.name: m for m in modalities}
         self.image_size = image_size
         self.spectrum_length = spectrum_length
@@ -65,6 +67,9 @@ class EuclidDesiPatches(Dataset):
             "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
             "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
         }
+        for column in self.extra_columns:
+            value = row[column]
+            item[column] = torch.tensor(float("nan") if value is None else value)
         if "images" in self.modalities:
             patch = self.modalities["images"].patch_size
             try:
