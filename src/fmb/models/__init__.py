@@ -33,7 +33,9 @@ class Family:
 
 
 # name -> ("module:attribute", one-line summary)
-BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {}
+BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
+    "astromodal": ("fmb.models.astromodal:FAMILY", "S-PLUS token transformer: images, scalars, spectra"),
+}
 
 _registered: dict[str, Family] = {}
 

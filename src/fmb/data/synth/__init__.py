@@ -12,7 +12,9 @@ from pathlib import Path
 from fmb.errors import ConfigError
 
 # kind -> ("module:function", summary)
-SYNTH_KINDS: dict[str, tuple[str, str]] = {}
+SYNTH_KINDS: dict[str, tuple[str, str]] = {
+    "splus": ("fmb.data.synth.splus:write", "S-PLUS hypercube fields (datacube_<FIELD>.parquet) for astromodal"),
+}
 
 
 def write_synthetic(kind: str, out: Path, n: int, seed: int) -> Path:
