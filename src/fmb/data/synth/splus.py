@@ -65,7 +65,8 @@ def field_table(field: str, n: int, rng: np.random.Generator) -> pa.Table:
     cls = rng.choice(len(CLASSES), size=n, p=[0.3, 0.6, 0.1])
     z = np.where(cls == 0, 0.0, np.where(cls == 1, rng.gamma(2.0, 0.15, n), rng.uniform(0.5, 3.0, n)))
     z = np.clip(z, 0.0, 4.0)
-    mag_r = rng.uniform(13.5, 22.5, n)
+    # A few bright sources (outside the usual 14 < r < 22 selection) give Gaia fluxes above 65504.
+    mag_r = np.where(rng.random(n) < 0.04, rng.uniform(11.0, 14.0, n), rng.uniform(14.0, 22.5, n))
     mags = _magnitudes(cls, z, mag_r, rng)
     errs = np.clip(0.01 * 10 ** (0.4 * (mags - 19.0)), 0.002, 3.0)
     mags_obs = mags + errs * rng.standard_normal(mags.shape)
