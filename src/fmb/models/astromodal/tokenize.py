@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmb.config import ConfigLayers, build
+from fmb.config import ConfigLayers, build, parse_set_option, read_yaml
 from fmb.errors import ConfigError, DataError
 from fmb.models.astromodal.data import (
     CUTOUT_COLUMNS,
@@ -123,6 +123,20 @@ def fit_tokenizers(data: str | Path, out_dir: str | Path, cfg: TokenizerConfig, 
         log.info(f"image tokenizer: {n_images} images, {tok.tokens_per_image} tokens per image")
     (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     return out
+
+
+def fit_from_options(kind: str, data: Path, out: Path, config_files: list[str], sets: list[str]) -> Path:
+    """`fmb tokenize fit`: settings from YAML files (a `tokenizer:` section, or bare keys) and
+    `--set key=value` (keys of the tokenizer section, with or without the `tokenizer.` prefix)."""
+    layers = ConfigLayers()
+    for file in config_files:
+        tree = read_yaml(Path(file)) or {}
+        layers.add(tree.get("tokenizer", tree) if isinstance(tree, dict) else tree, str(file))
+    for option in sets:
+        key, value = parse_set_option(option)
+        layers.set(key.removeprefix("tokenizer."), value, f"--set {option}")
+    cfg = build(TokenizerConfig, layers)
+    return fit_tokenizers(data, out, cfg, list(KINDS) if kind == "all" else [kind])
 
 
 def read_tokenizer_config(directory: Path) -> TokenizerConfig:

@@ -1,0 +1,82 @@
+"""astromodal end to end: `fmb data synth splus`, `fmb tokenize fit/encode`, training through the
+core trainer, and `fmb embed astromodal`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from fmb import cli
+from fmb.data.splits import holdout_mask
+from fmb.models.astromodal.data import TokenShards
+from fmb.models.astromodal.embed import load_model
+from fmb.models.astromodal.trainer import AstromodalConfig, AstromodalTrainer
+from fmb.train import checkpoint as ckpt
+
+TINY_TOKENIZERS = ["scalar_bins=16", "spectrum_codebook=8", "desi_rebin=128", "image_codebook=16",
+                   "image_downsample=4", "image_hidden=4", "image_epochs=1", "kmeans_steps=10",
+                   "kmeans_batch=512", "device=cpu"]
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["fmb", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out = capsys.readouterr()
+    return info.value.code, out.out, out.err
+
+
+def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
+    data, tok, shards = tmp_path / "data", tmp_path / "tok", tmp_path / "tokens"
+    code, out, err = run_cli(monkeypatch, capsys, "data", "synth", "splus", "--out", str(data), "-n", "240")
+    assert code == 0, err
+    sets = [arg for s in TINY_TOKENIZERS for arg in ("--set", s)]
+    code, _, err = run_cli(monkeypatch, capsys, "tokenize", "fit", "all", "--data", str(data), "--out", str(tok), *sets)
+    assert code == 0, err
+    assert {p.name for p in tok.iterdir()} >= {"scalar.safetensors", "scalar.json", "spectrum.safetensors",
+                                               "image.safetensors", "image.json", "tokenizer_config.json"}
+    code, _, err = run_cli(monkeypatch, capsys, "tokenize", "fit", "audio", "--data", str(data), "--out", str(tok))
+    assert code == 2 and "unknown tokeniser kind" in err
+    code, _, err = run_cli(monkeypatch, capsys, "tokenize", "encode", "--data", str(data), "--tokenizers", str(tok),
+                           "--out", str(shards))
+    assert code == 0, err
+    assert len(TokenShards(shards)) > 150
+
+    cfg = AstromodalConfig()
+    cfg.data.tokenizers, cfg.data.tokens, cfg.data.val_fraction = str(tok), str(shards), 0.2
+    cfg.model.preset, cfg.model.d_model, cfg.model.d_ff, cfg.model.max_len = "tiny", 64, 128, 256
+    train = cfg.train
+    train.out, train.device, train.num_workers, train.progress = str(tmp_path / "run"), "cpu", 0, False
+    train.batch_size, train.max_steps, train.eval_every, train.log_every = 16, 40, 10, 10
+    train.optim.lr = 3e-3
+    result = AstromodalTrainer(cfg).fit()
+    assert result.status == "completed"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val/ce" in r]
+    assert len(evals) == 4
+    first, last = evals[0], evals[-1]
+    assert last["val/ce"] < first["val/ce"]
+    recon = [k for k in last if k.startswith("val/recon_")]
+    assert {"val/recon_image", "val/recon_scalar", "val/recon_spec_desi_b", "val/recon_spec_gaiaxp_rp"} <= set(recon)
+    assert all(np.isfinite(r[k]) for r in evals for k in recon)
+    assert any("tokens_per_s" in r for r in records)
+
+    # The checkpoint carries the codebooks: a fresh model loaded from it decodes on its own.
+    model, toks, _ = load_model(tmp_path / "run")
+    np.testing.assert_allclose(model.targets.image.numpy(), toks.image.codebook.numpy())
+    assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run"))["family"] == "astromodal"
+
+    out_file = tmp_path / "emb.parquet"
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astromodal", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out_file), "--device", "cpu")
+    assert code == 0, err
+    table = pq.read_table(out_file)
+    keys = TokenShards(shards).objects(["key"]).column("key").to_numpy()
+    assert table.num_rows == holdout_mask(keys, 0.2, 0).sum() > 0  # the run's validation objects
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert vectors.shape == (table.num_rows, 64) and np.isfinite(vectors).all()
+    assert set(table.column_names) >= {"id", "field", "truth_redshift"}
