@@ -20,9 +20,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from fmb.data.synth.splus import write
-from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences, read_fields, scalar_matrix
+from fmb.models.astromodal.data import (
+    SequenceDataset,
+    TokenShards,
+    collate_sequences,
+    read_fields,
+    scalar_matrix,
+)
 from fmb.models.astromodal.kmeans import fit_kmeans
-from fmb.models.astromodal.model import AstromodalModelConfig, AstromodalTransformer, LossConfig, astromodal_loss
+from fmb.models.astromodal.model import (
+    AstromodalModelConfig,
+    AstromodalTransformer,
+    LossConfig,
+    astromodal_loss,
+)
 from fmb.models.astromodal.tokenize import Tokenizers, encode_dataset, fit_tokenizers, selection_of
 from fmb.models.astromodal.tokenizers import ScalarTokenizer, TokenizerConfig
 

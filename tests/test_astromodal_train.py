@@ -4,30 +4,20 @@ core trainer, and `fmb embed astromodal`."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
-from fmb import cli
 from fmb.data.splits import holdout_mask
 from fmb.models.astromodal.data import TokenShards
 from fmb.models.astromodal.embed import load_model
 from fmb.models.astromodal.trainer import AstromodalConfig, AstromodalTrainer
 from fmb.train import checkpoint as ckpt
+from tests.test_cli import run as run_cli
 
 TINY_TOKENIZERS = ["scalar_bins=16", "spectrum_codebook=8", "desi_rebin=128", "image_codebook=16",
                    "image_downsample=4", "image_hidden=4", "image_epochs=1", "kmeans_steps=10",
                    "kmeans_batch=512", "device=cpu"]
-
-
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fmb", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
 
 
 def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):

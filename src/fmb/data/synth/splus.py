@@ -168,7 +168,7 @@ def _cutouts(mags: np.ndarray, a: np.ndarray, b: np.ndarray, theta: np.ndarray, 
     profile /= profile.sum(axis=(1, 2), keepdims=True)
     flux = 10 ** (-0.4 * (np.nan_to_num(mags[rows], nan=25.0) - 25.0))  # zero point 25
     for j in range(len(BANDS)):
-        image = flux[:, j, None, None] * profile + rng.normal(0.0, 0.5, profile.shape)
+        image = flux[:, j, None, None] * profile + rng.normal(0.0, 0.1, profile.shape)
         out[j, rows] = image.reshape(len(rows), -1)
     return out
 
