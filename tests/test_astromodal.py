@@ -258,6 +258,26 @@ def test_encoded_shards_random_access(encoded):
     assert (np.array([shards.row(i)[0][col] for i in range(len(shards))]) == -1).mean() > 0.5
 
 
+def test_all_nan_spectrum_is_encoded_as_missing_and_counted(encoded, tmp_path, caplog):
+    file = sorted((encoded / "data").glob("*.parquet"))[0]
+    table = pq.read_table(file)
+    flux = table.column("desi_flux_b").to_pylist()
+    row = next(i for i, v in enumerate(flux) if v is not None
+               and 14 < table.column("mag_pstotal_r")[i].as_py() < 22)
+    flux[row] = [float("nan")] * len(flux[row])
+    table = table.set_column(table.column_names.index("desi_flux_b"), "desi_flux_b",
+                             pa.array(flux, pa.list_(pa.float32())))
+    (tmp_path / "d").mkdir()
+    pq.write_table(table, tmp_path / "d" / file.name)
+    with caplog.at_level("WARNING", logger="fmb"):
+        encode_dataset(tmp_path / "d", encoded / "tok", tmp_path / "tokens")
+    shards = TokenShards(tmp_path / "tokens")
+    ids = shards.objects(["id"]).column("id").to_pylist()
+    scalars, streams = shards.row(ids.index(table.column("id")[row].as_py()))
+    assert streams["desi_b"] is None and streams["desi_r"] is not None
+    assert "desi_b: 1 spectra without a usable pixel" in caplog.text
+
+
 # ----------------------------------------------------------------------------- vocabulary, sequences
 
 

@@ -173,13 +173,14 @@ def encode_dataset(data: str | Path, tokenizer_dir: str | Path, out_dir: str | P
     groups = toks.spectrum.groups
     writer = ShardWriter(Path(out_dir), len(toks.scalar.columns), ["image", *groups])
     skipped = dict.fromkeys(groups, 0)
+    device = resolve_device(cfg.device, 0)
     start = time.perf_counter()
     for batch in read_fields(data, _columns(list(KINDS), cfg), selection_of(cfg), optional=TRUTH_COLUMNS):
         scalars = toks.scalar.encode(scalar_matrix(batch, toks.scalar.columns))
         streams: dict[str, list[np.ndarray | None]] = {"image": [None] * len(batch)}
         rows, images, present, _ = _images_of(batch)
         if len(rows):
-            for row, tokens in zip(rows, toks.image.encode(images, present), strict=True):
+            for row, tokens in zip(rows, toks.image.encode(images, present, device), strict=True):
                 streams["image"][row] = tokens
         for g in groups:
             feats = _group_features(toks.spectrum, batch, g)

@@ -356,9 +356,9 @@ class ImageTokenizer:
         return torch.cat(out) if out else torch.zeros(0, self.latent)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, present: torch.Tensor) -> np.ndarray:
-        """(N, grid^2) tokens of raw images."""
-        latents = self._latents(normalise_images(images, present), present, torch.device("cpu"))
+    def encode(self, images: torch.Tensor, present: torch.Tensor, device: torch.device | None = None) -> np.ndarray:
+        """(N, grid^2) tokens of raw images (the encoder runs on `device`, CPU by default)."""
+        latents = self._latents(normalise_images(images, present), present, device or torch.device("cpu"))
         return nearest(latents, self.codebook).reshape(len(images), -1).numpy()
 
     @torch.no_grad()

@@ -100,7 +100,9 @@ class AstromodalTrainer(BaseTrainer):
         return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
-        keys = self.shards.objects(["key"]).column("key").to_numpy()
+        objects = self.shards.objects(["id", "key"])
+        self.object_ids = np.asarray(objects.column("id").to_pylist(), dtype=object)
+        keys = objects.column("key").to_numpy()
         held = holdout_mask(keys, self.config.data.val_fraction, self.config.data.split_seed)
         max_len = self.config.model.max_len
         train = SequenceDataset(self.shards, self.vocab, max_len, np.flatnonzero(~held))
@@ -111,7 +113,7 @@ class AstromodalTrainer(BaseTrainer):
         return collate_sequences
 
     def batch_ids(self, batch: Any) -> list:
-        return batch["index"].tolist()  # shard rows; objects.parquet maps them to ids
+        return self.object_ids[batch["index"].numpy()].tolist()
 
     def _terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         tokens, types, mask = batch["tokens"], batch["types"], batch["mask"]
