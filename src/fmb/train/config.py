@@ -81,6 +81,9 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     num_workers: int = 2
+    # torch intra-op CPU threads; None: torch's default (all cores). On a shared machine 1 can be
+    # several times faster: threads that wait for each other lose to other processes.
+    cpu_threads: int | None = None
     compile: bool = False
     tf32: bool = True
     progress: bool = True

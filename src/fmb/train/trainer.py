@@ -194,6 +194,8 @@ class BaseTrainer:
 
     def fit(self, resume: bool = False) -> RunResult:
         self._seed_everything(self.cfg.seed)
+        if self.cfg.cpu_threads:
+            torch.set_num_threads(self.cfg.cpu_threads)
         self.device = resolve_device(self.cfg.device, 0)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":
