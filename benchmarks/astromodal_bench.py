@@ -1,7 +1,7 @@
 """astromodal throughput: tokeniser fit / encode, k-means, transformer training, loader.
 
     PYTHONPATH=src python benchmarks/astromodal_bench.py [--device cpu|cuda] [--objects 400]
-                                                         [--peak-tflops 989]
+                                                         [--peak-tflops 989] [--threads 1]
 
 Writes synthetic S-PLUS fields to a temporary directory, fits small tokenisers on them and
 prints one line per figure. MFU is reported when --peak-tflops (the device's dense bf16
@@ -98,7 +98,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--objects", type=int, default=400)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 

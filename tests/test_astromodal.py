@@ -127,8 +127,11 @@ def test_scalar_tokenizer_round_trip_miss_and_save(tmp_path):
     # out of the fitted range: first / last bin; infinite: MISS
     assert tok.encode(np.array([[-1e9, 1e12], [np.inf, 5e5]])).tolist()[0] == [0, 63]
     assert tok.encode(np.array([[np.inf, 5e5]]))[0, 0] == -1
-    # normalised centres are O(1) even for the column above 65504
-    assert tok.normalised_centres().abs().max() < 10
+    # normalised centres are O(1) even for the column above 65504, and map back exactly
+    norm = tok.normalised_centres()
+    assert norm.abs().max() < 10
+    np.testing.assert_allclose(tok.from_normalised(norm.double().numpy()[1], np.ones(64, int)), tok.centres[1],
+                               rtol=1e-6)
     tok.save(tmp_path)
     again = ScalarTokenizer.load(tmp_path)
     np.testing.assert_array_equal(again.encode(values), bins)

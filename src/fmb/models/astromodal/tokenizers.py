@@ -132,6 +132,11 @@ class ScalarTokenizer:
         """(C, n_bins) float32: each column's centres in its own normalised units."""
         return torch.from_numpy((self.centres - self.loc[:, None]) / self.scale[:, None]).float()
 
+    def from_normalised(self, values: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Values in the original units from normalised ones (e.g. `model.reconstruct` output),
+        `columns` giving each value's column index."""
+        return values * self.scale[columns] + self.loc[columns]
+
     def save(self, directory: Path) -> None:
         tensors = {k: torch.from_numpy(getattr(self, k)) for k in ("edges", "centres", "loc", "scale")}
         _save(Path(directory), self.name, tensors, {"columns": self.columns, "n_bins": self.n_bins})
