@@ -240,17 +240,17 @@ class Vocabulary:
         return {"image_size": self.image_size, "image_tokens": self.image_tokens,
                 "scalar_columns": self.scalar_columns, "scalar_bins": self.scalar_bins, "groups": self.groups}
 
-    @property
-    def min_length(self) -> int:
-        """[BOS] image [SEP] scalars [SEP] [EOS]: the part that is never truncated."""
-        return self.image_tokens + len(self.scalar_columns) + 4
+    def check_fits(self, max_len: int) -> None:
+        """[BOS] image [SEP] scalars [SEP] [EOS] is never truncated: it must fit in max_len."""
+        needed = self.image_tokens + len(self.scalar_columns) + 4
+        if max_len < needed:
+            raise ConfigError(f"model.max_len={max_len} cannot hold the image ({self.image_tokens} tokens) "
+                              f"and {len(self.scalar_columns)} scalars: at least {needed} needed")
 
     def sequence(self, image: np.ndarray | None, scalars: np.ndarray, groups: dict[str, np.ndarray | None],
                  max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
         """(token ids, token types, number of spectrum groups dropped to fit max_len)."""
-        if max_len < self.min_length:
-            raise ConfigError(f"model.max_len={max_len} cannot hold the image ({self.image_tokens} tokens) "
-                              f"and {len(self.scalar_columns)} scalars: at least {self.min_length} needed")
+        self.check_fits(max_len)
         ids = [np.array([BOS])]
         types = [np.array([0])]
         if image is not None and len(image):
@@ -287,8 +287,8 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_scalars = n_scalars
         self.streams = streams
-        self.scalar_file = open(self.dir / "scalar.bin", "wb")  # noqa: SIM115 - closed in close()
-        self.files = {s: open(self.dir / f"{s}.bin", "wb") for s in streams}  # noqa: SIM115
+        self.scalar_file = open(self.dir / "scalar.bin", "wb")  # closed in close()
+        self.files = {s: open(self.dir / f"{s}.bin", "wb") for s in streams}
         self.lengths: dict[str, list[np.ndarray]] = {s: [] for s in streams}
         self.objects: list[pa.Table] = []
         self.rows = 0
@@ -374,7 +374,7 @@ class SequenceDataset(Dataset):
         self.vocab = vocab
         self.max_len = max_len
         self.indices = np.asarray(indices, np.int64)
-        vocab.sequence(None, np.zeros(len(vocab.scalar_columns)), {}, max_len)  # fails early if too short
+        vocab.check_fits(max_len)
         self.dropped = 0
 
     def __len__(self) -> int:

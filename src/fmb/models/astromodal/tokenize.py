@@ -44,7 +44,6 @@ log = logging.getLogger("fmb")
 
 KINDS = ("scalar", "spectrum", "image")
 CONFIG_FILE = "tokenizer_config.json"
-IMAGE_FIT_MAX = 4096  # images held in memory to fit the autoencoder (4096 x 442 kB = 1.8 GB)
 
 
 def selection_of(cfg: TokenizerConfig) -> Selection:
@@ -101,9 +100,9 @@ def fit_tokenizers(data: str | Path, out_dir: str | Path, cfg: TokenizerConfig, 
         if "spectrum" in kinds:
             for g in cfg.spectrum_groups:
                 features[g] += [f for f in _group_features(spectra, batch, g) if f is not None]
-        if "image" in kinds and n_images < IMAGE_FIT_MAX:
+        if "image" in kinds and n_images < cfg.fit_max_images:
             index, img, present, shapes = _images_of(batch)
-            keep = slice(0, IMAGE_FIT_MAX - n_images)
+            keep = slice(0, cfg.fit_max_images - n_images)
             images.append((img[keep], present[keep], shapes[keep]))
             n_images += len(index[keep])
     log.info(f"tokenizer fit: {rows} rows read in {time.perf_counter() - start:.1f}s")

@@ -49,6 +49,7 @@ class TokenizerConfig:
     kmeans_batch: int = 8192
     fit_max_rows: int | None = 200_000  # rows read to fit (first rows passing the selection)
     fit_max_vectors: int = 2_000_000  # feature vectors given to each k-means
+    fit_max_images: int = 4096  # images held in memory to fit the autoencoder (4096 x 442 kB = 1.8 GB)
     # Sample selection, applied when fitting and encoding (upstream: 14 < r < 22, err < 2).
     mag_column: str = "mag_pstotal_r"
     err_column: str = "err_mag_pstotal_r"
@@ -343,7 +344,7 @@ class ImageTokenizer:
                 total += loss.detach() * len(idx)
             log.info(f"image autoencoder epoch {epoch + 1}/{cfg.image_epochs}: weighted MSE {total.item() / len(x):.4f}")
         model.eval().cpu()
-        latents = self._latents(x, present, device)
+        latents = self._latents(x, device)
         rng = np.random.default_rng(cfg.seed)
         if len(latents) > cfg.fit_max_vectors:
             latents = latents[torch.from_numpy(rng.choice(len(latents), cfg.fit_max_vectors, replace=False))]
@@ -352,7 +353,7 @@ class ImageTokenizer:
         return self
 
     @torch.no_grad()
-    def _latents(self, x: torch.Tensor, present: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
+    def _latents(self, x: torch.Tensor, device: torch.device, batch: int = 64) -> torch.Tensor:
         """(N * grid^2, latent) latent vectors of normalised images, row-major per image."""
         model = self.autoencoder.to(device)
         out = [model.encoder(x[s:s + batch].to(device)).permute(0, 2, 3, 1).reshape(-1, self.latent).cpu()
@@ -363,7 +364,7 @@ class ImageTokenizer:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, present: torch.Tensor, device: torch.device | None = None) -> np.ndarray:
         """(N, grid^2) tokens of raw images (the encoder runs on `device`, CPU by default)."""
-        latents = self._latents(normalise_images(images, present), present, device or torch.device("cpu"))
+        latents = self._latents(normalise_images(images, present), device or torch.device("cpu"))
         return nearest(latents, self.codebook).reshape(len(images), -1).numpy()
 
     @torch.no_grad()
