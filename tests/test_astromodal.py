@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ from fmb.models.astromodal.data import (
     PAD,
     SEP,
     Selection,
+    SequenceDataset,
     TokenShards,
     Vocabulary,
     collate_sequences,
@@ -256,6 +258,11 @@ def test_encoded_shards_random_access(encoded):
     scalars, streams = shards.row(with_image[0])
     assert scalars.shape == (len(toks.scalar.columns),) and streams["image"].shape == (36,)
     assert any(shards.row(i)[1]["desi_b"] is not None for i in range(len(shards)))
+    # DataLoader workers get a picklable dataset that maps the files again on first access
+    dataset = pickle.loads(pickle.dumps(SequenceDataset(shards, toks.vocabulary(), 512, np.arange(len(shards)))))
+    assert dataset.shards._maps is None
+    item = dataset[with_image[0]]
+    assert item["tokens"][0] == BOS and item["tokens"][-1] == EOS and len(item["tokens"]) == len(item["types"])
     # MISS (-1) where the source value is null: the Gaia columns of unmatched objects
     col = toks.scalar.columns.index("gaia_parallax")
     assert (np.array([shards.row(i)[0][col] for i in range(len(shards))]) == -1).mean() > 0.5

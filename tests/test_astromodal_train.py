@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import yaml
 
 from fmb.data.splits import holdout_mask
 from fmb.models.astromodal.data import TokenShards
@@ -70,3 +71,12 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     assert vectors.shape == (table.num_rows, 64) and np.isfinite(vectors).all()
     assert set(table.column_names) >= {"id", "field", "truth_redshift"}
+
+
+def test_demo_recipe_resolves(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "config", "show", "astromodal", "--demo")
+    assert code == 0, err
+    shown = yaml.safe_load(out)
+    assert shown["data"]["path"] is None and shown["data"]["synthetic_objects"] > 0
+    assert shown["train"]["device"] == "cpu" and shown["train"]["cpu_threads"] == 1
+    assert shown["model"]["preset"] == "tiny" and shown["loss"]["image_weight"] == 0.1
