@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 import yaml
 
 from fmb.data.splits import holdout_mask
@@ -23,7 +24,7 @@ TINY_TOKENIZERS = ["scalar_bins=16", "spectrum_codebook=8", "desi_rebin=128", "i
 
 def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     data, tok, shards = tmp_path / "data", tmp_path / "tok", tmp_path / "tokens"
-    code, out, err = run_cli(monkeypatch, capsys, "data", "synth", "splus", "--out", str(data), "-n", "240")
+    code, out, err = run_cli(monkeypatch, capsys, "data", "synth", "splus", "--out", str(data), "-n", "180")
     assert code == 0, err
     sets = [arg for s in TINY_TOKENIZERS for arg in ("--set", s)]
     code, _, err = run_cli(monkeypatch, capsys, "tokenize", "fit", "all", "--data", str(data), "--out", str(tok), *sets)
@@ -35,20 +36,20 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "tokenize", "encode", "--data", str(data), "--tokenizers", str(tok),
                            "--out", str(shards))
     assert code == 0, err
-    assert len(TokenShards(shards)) > 150
+    assert len(TokenShards(shards)) > 120
 
     cfg = AstromodalConfig()
     cfg.data.tokenizers, cfg.data.tokens, cfg.data.val_fraction = str(tok), str(shards), 0.2
     cfg.model.preset, cfg.model.d_model, cfg.model.d_ff, cfg.model.max_len = "tiny", 64, 128, 256
     train = cfg.train
     train.out, train.device, train.num_workers, train.progress = str(tmp_path / "run"), "cpu", 0, False
-    train.batch_size, train.max_steps, train.eval_every, train.log_every = 16, 40, 10, 10
+    train.batch_size, train.max_steps, train.eval_every, train.log_every = 16, 30, 10, 10
     train.optim.lr = 3e-3
     result = AstromodalTrainer(cfg).fit()
     assert result.status == "completed"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val/ce" in r]
-    assert len(evals) == 4
+    assert len(evals) == 3
     first, last = evals[0], evals[-1]
     assert last["val/ce"] < first["val/ce"]
     recon = [k for k in last if k.startswith("val/recon_")]
@@ -80,3 +81,31 @@ def test_demo_recipe_resolves(monkeypatch, capsys):
     assert shown["data"]["path"] is None and shown["data"]["synthetic_objects"] > 0
     assert shown["train"]["device"] == "cpu" and shown["train"]["cpu_threads"] == 1
     assert shown["model"]["preset"] == "tiny" and shown["loss"]["image_weight"] == 0.1
+
+
+def resume_config(out, shared, max_steps: int) -> AstromodalConfig:
+    cfg = AstromodalConfig()
+    cfg.data.synthetic_objects = 120
+    cfg.data.tokenizers, cfg.data.tokens, cfg.data.val_fraction = str(shared / "tok"), str(shared / "tokens"), 0.2
+    for option in TINY_TOKENIZERS:
+        key, value = option.split("=")
+        setattr(cfg.tokenizer, key, type(getattr(cfg.tokenizer, key))(value))
+    cfg.loss.positions = 8  # fewer than the positions of a batch: sampling draws random numbers
+    cfg.model.preset, cfg.model.d_model, cfg.model.d_ff, cfg.model.max_len, cfg.model.dropout = "tiny", 32, 64, 256, 0.1
+    train = cfg.train
+    train.out, train.device, train.num_workers, train.progress = str(out), "cpu", 0, False
+    train.batch_size, train.max_steps, train.eval_every, train.log_every = 8, max_steps, 1000, 1
+    train.schedule.decay_steps = 6
+    return cfg
+
+
+def test_exact_resume_with_sampled_reconstruction_positions(tmp_path):
+    shared = tmp_path / "shared"
+    AstromodalTrainer(resume_config(tmp_path / "straight", shared, 6)).fit()
+    AstromodalTrainer(resume_config(tmp_path / "resumed", shared, 3)).fit()
+    result = AstromodalTrainer(resume_config(tmp_path / "resumed", shared, 6)).fit(resume=True)
+    assert result.step == 6
+    a = ckpt.read_safetensors(ckpt.latest_checkpoint(tmp_path / "straight") / ckpt.MODEL_FILE)
+    b = ckpt.read_safetensors(ckpt.latest_checkpoint(tmp_path / "resumed") / ckpt.MODEL_FILE)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -111,10 +111,13 @@ def field_files(path: str | Path) -> list[Path]:
 def read_fields(path: str | Path, columns: list[str], selection: Selection, batch_rows: int = 1024,
                 max_rows: int | None = None, optional: tuple[str, ...] = ()) -> Iterator[FieldBatch]:
     """Selected rows of every field file, in column-projected record batches. Absent `columns`
-    are logged; absent `optional` columns (truth columns of synthetic data) are not."""
+    are logged; absent `optional` columns (truth columns of synthetic data) are not.
+    `max_rows` is shared evenly between the fields, so a capped read still sees every field."""
     total = 0
     wanted = list(dict.fromkeys(["id", selection.mag_column, selection.err_column, *columns, *optional]))
-    for file in field_files(path):
+    files = field_files(path)
+    quota = None if max_rows is None else -(-max_rows // len(files))
+    for file in files:
         parquet = pq.ParquetFile(file, memory_map=True)
         names = set(parquet.schema_arrow.names)
         if "id" not in names:
@@ -130,15 +133,15 @@ def read_fields(path: str | Path, columns: list[str], selection: Selection, batc
             if not keep.any():
                 continue
             table = table.filter(pa.array(keep))
-            if max_rows is not None:
-                table = table.slice(0, max_rows - total)
+            if quota is not None:
+                table = table.slice(0, quota - kept_in_file)
             kept_in_file += table.num_rows
             total += table.num_rows
             yield FieldBatch(file, table.column("id").to_pylist(),
                              {c: (table.column(c).combine_chunks() if c in names else None)
                               for c in [*columns, *optional]})
-            if max_rows is not None and total >= max_rows:
-                return
+            if quota is not None and kept_in_file >= quota:
+                break
         if kept_in_file == 0:
             log.warning(f"{file.name}: no rows pass the selection ({selection.mag_range[0]} < "
                         f"{selection.mag_column} < {selection.mag_range[1]}, {selection.err_column} < "

@@ -47,7 +47,7 @@ class TokenizerConfig:
     mask_outside_weight: float = 0.3  # MSE weight outside the object ellipse (1 inside)
     kmeans_steps: int = 200
     kmeans_batch: int = 8192
-    fit_max_rows: int | None = 200_000  # rows read to fit (first rows passing the selection)
+    fit_max_rows: int | None = 200_000  # rows read to fit, shared evenly between the fields
     fit_max_vectors: int = 2_000_000  # feature vectors given to each k-means
     fit_max_images: int = 4096  # images held in memory to fit the autoencoder (4096 x 442 kB = 1.8 GB)
     # Sample selection, applied when fitting and encoding (upstream: 14 < r < 22, err < 2).
