@@ -248,7 +248,7 @@ def reconstruct(logits: torch.Tensor, types: torch.Tensor, vocab: Vocabulary,
     `types` (B, T) are the types of the tokens being predicted (the inputs shifted by one).
     Returns for each modality the expected values at positions whose next token is of that
     modality (NaN elsewhere): image and spectrum groups (B, T, D), scalars (B, T) in normalised
-    units of the column (decode with the scalar tokeniser's loc / scale).
+    units of the column (`ScalarTokenizer.from_normalised` maps them back).
     """
     out: dict[str, torch.Tensor] = {}
     flat = logits.reshape(-1, logits.shape[-1])
