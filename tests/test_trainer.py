@@ -67,6 +67,11 @@ def test_resume_with_epochs_crossing_and_multiple_epochs(tmp_path):
     assert last["epoch"] == pytest.approx(3.0)
 
 
+def test_cpu_threads_setting(tmp_path):
+    ToyTrainer(toy_config(tmp_path / "t", max_steps=1, cpu_threads=2)).fit()
+    assert torch.get_num_threads() == 2  # conftest puts it back to 1 for the next test
+
+
 def test_bf16_autocast_on_cpu(tmp_path):
     cfg = toy_config(tmp_path / "bf16", precision="bf16", max_steps=4)
     trainer = ToyTrainer(cfg)

@@ -24,8 +24,11 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: synthetic data in the real formats.", no_args_is_help=True)
+tokenize_app = typer.Typer(help="Tokenisers (astromodal): fit them on S-PLUS fields, encode fields into token shards.",
+                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(tokenize_app, name="tokenize")
 
 
 def _models_help() -> str:
@@ -163,6 +166,33 @@ def data_kinds() -> None:
 
     for name, (_, summary) in sorted(SYNTH_KINDS.items()):
         typer.echo(f"{name:<16} {summary}")
+
+
+@tokenize_app.command("fit")
+def tokenize_fit(
+    kind: Annotated[str, typer.Argument(help="Tokeniser to fit: scalar, spectrum, image or all.")],
+    data: Annotated[Path, typer.Option("--data", help="Directory of datacube_<FIELD>.parquet files.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tokeniser directory to write.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit tokenisers; settings come from a YAML file (its `tokenizer:` section) and --set key=value."""
+    from fmb.models.astromodal.tokenize import fit_from_options
+
+    written = fit_from_options(kind, data, out, config or [], set_ or [])
+    typer.echo(f"wrote {kind} tokenizer(s) to {written}")
+
+
+@tokenize_app.command("encode")
+def tokenize_encode(
+    data: Annotated[Path, typer.Option("--data", help="Directory of datacube_<FIELD>.parquet files.")],
+    tokenizers: Annotated[Path, typer.Option("--tokenizers", "-t", help="Fitted tokeniser directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Token shard directory to write.")],
+) -> None:
+    """Encode fields into token shards (memory-mapped, random access) for training."""
+    from fmb.models.astromodal.tokenize import encode_dataset
+
+    typer.echo(f"wrote token shards to {encode_dataset(data, tokenizers, out)}")
 
 
 @app.command()

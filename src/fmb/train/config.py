@@ -83,6 +83,9 @@ class TrainConfig:
 
     num_workers: int = 2
     parallel: Literal["ddp", "fsdp"] = "ddp"  # fsdp: shard weights/grads/optimizer state (fully_shard)
+    # torch intra-op CPU threads; None: torch's default (all cores). On a shared machine 1 can be
+    # several times faster: threads that wait for each other lose to other processes.
+    cpu_threads: int | None = None
     compile: bool = False
     tf32: bool = True
     progress: bool = True

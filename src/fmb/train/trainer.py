@@ -221,6 +221,8 @@ class BaseTrainer:
         """Everything before the first step: processes, run directory, data, model, optimizer,
         schedule, and the resumed state. (`fit` = setup + loop; `fmb bench` times steps after it.)"""
         self._seed_everything(self.cfg.seed)
+        if self.cfg.cpu_threads:
+            torch.set_num_threads(self.cfg.cpu_threads)
         self.device = resolve_device(self.cfg.device, 0)
         self.dist = init_distributed(self.device)
         if self.dist.enabled and self.device.type == "cuda":

@@ -15,6 +15,7 @@ from fmb.errors import ConfigError
 SYNTH_KINDS: dict[str, tuple[str, str]] = {
     "euclid-desi": ("fmb.data.synth.euclid_desi:write", "Euclid VIS/NISP cutouts + RGB + DESI spectra (parquet)"),
     "astrom3": ("fmb.data.synth.astrom3:write", "AstroM3 variable stars: light curves, LAMOST-like spectra, metadata, 10 classes"),
+    "splus": ("fmb.data.synth.splus:write", "S-PLUS hypercube fields (datacube_<FIELD>.parquet) for astromodal"),
 }
 
 
