@@ -69,9 +69,14 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     table = pq.read_table(out_file)
     keys = TokenShards(shards).objects(["key"]).column("key").to_numpy()
     assert table.num_rows == holdout_mask(keys, 0.2, 0).sum() > 0  # the run's validation objects
-    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    vectors = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
     assert vectors.shape == (table.num_rows, 64) and np.isfinite(vectors).all()
-    assert set(table.column_names) >= {"id", "field", "truth_redshift"}
+    assert set(table.column_names) >= {"object_id", "field", "truth_redshift"}
+    # hypercube fields given directly are tokenised with the run's tokenisers first
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astromodal", "--checkpoint", str(tmp_path / "run"),
+                           "--data", str(data), "--out", str(tmp_path / "all.parquet"), "--device", "cpu", "--random-init")
+    assert code == 0, err
+    assert pq.read_table(tmp_path / "all.parquet").num_rows == len(TokenShards(shards))
 
 
 def test_demo_recipe_resolves(monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """The one embedding-file schema every `fmb embed <model>` writes, and its resumable writer.
 
-Columns: `object_id` (int64), the targets the data has (redshift, label, ...), and one
+Columns: `object_id` (int64, or string for surveys with string ids), the targets the data has (redshift, label, ...), and one
 `embedding_<name>` column per modality (plus `embedding_joint` where a family has several):
 fixed-size lists of float32, null where that modality is absent for the object.
 
@@ -47,7 +47,9 @@ class EmbeddingWriter:
 
     def add(self, object_id: np.ndarray, targets: dict[str, np.ndarray | list], embeddings: dict[str, torch.Tensor | np.ndarray],
             present: dict[str, np.ndarray | torch.Tensor] | None = None) -> None:
-        columns: dict[str, pa.Array] = {"object_id": pa.array(np.asarray(object_id, dtype=np.int64))}
+        ids = np.asarray(object_id)
+        # integer ids stay int64; surveys with string ids (S-PLUS) keep strings
+        columns: dict[str, pa.Array] = {"object_id": pa.array(ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.tolist())}
         for name, values in targets.items():
             columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
         for name, matrix in embeddings.items():

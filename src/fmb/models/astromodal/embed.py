@@ -9,12 +9,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
 from fmb.config import ConfigLayers, build, read_yaml
 from fmb.data.splits import holdout_mask
+from fmb.embeddings import EmbeddingWriter
 from fmb.errors import CheckpointError
 from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
 from fmb.models.astromodal.model import AstromodalTransformer
@@ -36,6 +36,12 @@ def checkpoint_dir(path: Path) -> Path:
     return latest
 
 
+def tokenizer_dir(config: Any, directory: Path) -> Path:
+    """The run's fitted tokenisers: data.tokenizers, else <run>/tokenizers."""
+    run_dir = Path(config.train.out) if config.train.out else checkpoint_dir(directory).parent.parent
+    return Path(config.data.tokenizers) if config.data.tokenizers else run_dir / "tokenizers"
+
+
 def load_model(directory: Path) -> tuple[AstromodalTransformer, Tokenizers, Any]:
     """(model with loaded weights, its tokenisers, run config) of an astromodal checkpoint."""
     from fmb.models.astromodal.trainer import AstromodalConfig
@@ -45,8 +51,7 @@ def load_model(directory: Path) -> tuple[AstromodalTransformer, Tokenizers, Any]
     layers = ConfigLayers()
     layers.add(read_yaml(directory / ckpt.CONFIG_FILE), str(directory / ckpt.CONFIG_FILE))
     config = build(AstromodalConfig, layers)
-    run_dir = Path(config.train.out) if config.train.out else directory.parent.parent
-    toks = Tokenizers.load(Path(config.data.tokenizers) if config.data.tokenizers else run_dir / "tokenizers")
+    toks = Tokenizers.load(tokenizer_dir(config, directory))
     model = AstromodalTransformer(config.model, toks.vocabulary(), toks.image.latent)
     ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
     return model.eval(), toks, config
@@ -69,7 +74,12 @@ def embed_shards(model: AstromodalTransformer, shards: TokenShards, rows: np.nda
 
 
 def embed(checkpoint: Path, data: str | None, out_file: Path, options: dict[str, Any]) -> Path:
+    """fmb's embedding schema: object_id (the S-PLUS id), the object's field and truth columns,
+    and `embedding_joint` (the whole token sequence: every modality the object has)."""
     model, toks, config = load_model(checkpoint)
+    if options.get("random_init"):
+        torch.manual_seed(config.train.seed)
+        model = AstromodalTransformer(config.model, toks.vocabulary(), toks.image.latent).eval()
     device = resolve_device(options.get("device", "auto"), 0)
     out_file = Path(out_file)
     if data is None:  # the run's validation objects
@@ -81,18 +91,20 @@ def embed(checkpoint: Path, data: str | None, out_file: Path, options: dict[str,
         shards_dir = Path(data)
         if not (shards_dir / "meta.json").is_file():  # hypercube fields: encode them first
             shards_dir = out_file.with_suffix(".tokens")
-            encode_dataset(data, toks_dir(config), shards_dir)
+            encode_dataset(data, tokenizer_dir(config, checkpoint), shards_dir)
         shards = TokenShards(shards_dir)
         rows = np.arange(len(shards))
-    vectors = embed_shards(model, shards, rows, int(options.get("batch_size", 64)), device)
+    writer = EmbeddingWriter(out_file)
+    rows = rows[writer.rows_done:]
     objects = shards.objects().take(pa.array(rows))
-    table = objects.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-        pa.array(vectors.reshape(-1)), vectors.shape[1]))
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out_file)
-    log.info(f"embedded {len(rows)} objects ({vectors.shape[1]} dims) into {out_file}")
-    return out_file
-
-
-def toks_dir(config: Any) -> Path:
-    return Path(config.data.tokenizers) if config.data.tokenizers else Path(config.train.out) / "tokenizers"
+    batch_rows = int(options.get("batch_size", 64)) * 16
+    for start in range(0, len(rows), batch_rows):
+        chunk = slice(start, start + batch_rows)
+        vectors = embed_shards(model, shards, rows[chunk], int(options.get("batch_size", 64)), device)
+        part = objects.slice(start, len(rows[chunk]))
+        targets = {name: part.column(name).to_numpy(zero_copy_only=False) for name in part.column_names
+                   if name not in ("id", "key")}
+        writer.add(part.column("id").to_numpy(zero_copy_only=False), targets, {"joint": vectors})
+    written = writer.finish()
+    log.info(f"embedded {writer.rows_done} objects into {written}")
+    return written
