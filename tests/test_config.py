@@ -154,3 +154,16 @@ def test_slurm_settings_are_read_as_written_not_as_paths(tmp_path):
     assert found.setting("slurm_account") == "abc"
     assert found.setting("slurm_modules") == ["pytorch-gpu/py3/2.5.0"]
     assert found.setting("slurm_qos") is None and found.setting("slurm_partition") is None
+
+
+def test_an_empty_section_in_a_later_layer_changes_nothing():
+    cfg = built({"train": {"batch_size": 7, "optim": {"lr": 1e-3}}}, {"train": None})
+    assert cfg.train.batch_size == 7 and cfg.train.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("key", ["eval_every", "log_every", "batch_size", "max_steps"])
+def test_intervals_and_sizes_must_be_positive(key):
+    with pytest.raises(ConfigError, match=rf"'train\.{key}' = 0: must be at least 1"):
+        built({"train": {key: 0}})
+    with pytest.raises(ConfigError, match=r"'train\.checkpoint\.every' = -1"):
+        built({"train": {"checkpoint": {"every": -1}}})

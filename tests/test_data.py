@@ -136,3 +136,33 @@ def test_holdout_is_stable_and_close_to_fraction():
     assert abs(mask.mean() - 0.1) < 0.01
     np.testing.assert_array_equal(holdout_mask(ids[::-1], 0.1), mask[::-1])  # order-independent
     assert not holdout_mask(ids, 0.0).any()
+
+
+def test_block_shuffle_reads_each_row_group_in_one_window(tmp_path):
+    from fmb.data.euclid_desi import open_split
+    from fmb.train.loader import ResumableSampler
+
+    pq.write_table(make_table(100), tmp_path / "train-00000-of-00001.parquet", row_group_size=10)
+    rows = open_split(str(tmp_path), "train", ["object_id"], None, 0.0, 0)
+
+    class Rows:
+        def __len__(self):
+            return len(rows)
+
+        def shuffle_blocks(self):
+            return rows.shuffle_blocks()
+
+    blocks = rows.shuffle_blocks()
+    assert len(blocks) == 10 and all(len(b) == 10 for b in blocks)
+    sampler = ResumableSampler(Rows(), num_replicas=1, rank=0, seed=1, block_window=2)
+    sampler.set_epoch(0)
+    order = list(sampler)
+    assert sorted(order) == list(range(100))
+    groups = rows.source.chunk_of(rows.indices[order])
+    for first in range(0, 100, 20):  # every 20 consecutive samples come from 2 row groups
+        assert len(set(groups[first : first + 20])) == 2
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    sampler.set_epoch(0)
+    sampler.set_start(7)
+    assert list(sampler) == order[7:]

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from fmb.errors import TrainingError
+from fmb.errors import ConfigError, TrainingError
 from fmb.train import checkpoint as ckpt
 from tests.toy import ToyModel, ToyTrainer, toy_config
 
@@ -221,3 +221,125 @@ def _ckpt(**kwargs):
 def _optim(**kwargs):
     from fmb.train.config import OptimConfig
     return OptimConfig(**kwargs)
+
+
+def test_rerun_into_an_existing_run_needs_resume(tmp_path):
+    ToyTrainer(toy_config(tmp_path / "r", max_steps=2)).fit()
+    with pytest.raises(ConfigError, match=r"already holds a run \(newest checkpoint step_0000002\): pass --resume"):
+        ToyTrainer(toy_config(tmp_path / "r", max_steps=4)).fit()
+    assert [p.name for _, p in ckpt.list_checkpoints(tmp_path / "r")] == ["step_0000002"]
+
+
+def test_resume_applies_the_configured_optimizer_settings(tmp_path):
+    ToyTrainer(toy_config(tmp_path / "r", max_steps=2, schedule=_schedule(kind="constant"))).fit()
+    cfg = toy_config(tmp_path / "r", max_steps=4, schedule=_schedule(kind="constant"), optim=_optim(lr=1e-4, weight_decay=0.0))
+    trainer = ToyTrainer(cfg)
+    trainer.fit(resume=True)
+    lrs = [r["lr"] for r in records(tmp_path / "r") if "lr" in r]
+    assert lrs[:2] == [1e-2, 1e-2] and lrs[-1] == pytest.approx(1e-4)
+    assert all(g["weight_decay"] == 0.0 for g in trainer.optimizer.param_groups)
+
+
+def test_nonfinite_streak_between_checks_is_not_missed(tmp_path):
+    cfg = toy_config(tmp_path / "nan", max_steps=8, max_nonfinite_steps=3, log_every=50)
+    trainer = ToyTrainer(cfg)
+    original = trainer.compute_loss
+
+    def nan_at_steps_1_to_3(model, batch):
+        out = original(model, batch)
+        if 1 <= trainer.progress.step <= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.compute_loss = nan_at_steps_1_to_3
+    with pytest.raises(TrainingError, match=r"3 optimizer steps in a row.*steps 1, 2, 3"):
+        trainer.fit()
+
+
+def test_fp16_scaler_skips_are_not_errors_and_resume_is_exact(tmp_path):
+    common = dict(precision="fp16", max_nonfinite_steps=2, schedule=_schedule(kind="constant"))
+    straight = ToyTrainer(toy_config(tmp_path / "a", max_steps=6, **common))
+    assert straight.fit().status == "completed"  # early overflow skips while the scale calibrates
+    ToyTrainer(toy_config(tmp_path / "b", max_steps=3, **common)).fit()
+    resumed = ToyTrainer(toy_config(tmp_path / "b", max_steps=6, **common))
+    resumed.fit(resume=True)
+    assert resumed.scaler.get_scale() == straight.scaler.get_scale()
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_best_checkpoint_is_kept_when_an_evaluation_improves(tmp_path):
+    run = tmp_path / "r"
+    ToyTrainer(toy_config(run, max_steps=6, eval_every=2, checkpoint=_ckpt(every=1000, keep_last=1))).fit()
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert (run / "checkpoints" / best["dir"]).is_dir()  # saved at an evaluation, not a checkpoint step
+    vals = {r["step"]: r["val/loss"] for r in records(run) if "val/loss" in r}
+    assert best["value"] == pytest.approx(min(vals.values()))
+
+
+def test_sampler_order_changes_with_epoch_and_skips_on_resume():
+    from fmb.train.loader import ResumableSampler
+
+    data = list(range(40))
+    sampler = ResumableSampler(data, num_replicas=2, rank=1, seed=3)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert len(first) == len(second) == 20
+    assert first != second
+    sampler.set_epoch(0)
+    sampler.set_start(5)
+    assert list(sampler) == first[5:]
+    other = ResumableSampler(data, num_replicas=2, rank=0, seed=3)
+    other.set_epoch(0)
+    assert set(other).isdisjoint(first)
+
+
+def test_global_batch_size_sets_accumulation_from_world_size(tmp_path):
+    from fmb.train.distributed import DistInfo
+
+    trainer = ToyTrainer(toy_config(tmp_path, batch_size=4, global_batch_size=32))
+    trainer.dist = DistInfo(rank=0, world_size=2)
+    assert trainer._accumulation_steps() == 4  # 32 / (4 x 2 processes), not / local devices
+    trainer.cfg.global_batch_size = 20
+    with pytest.raises(ConfigError, match="not a multiple"):
+        trainer._accumulation_steps()
+
+
+def test_gradient_sync_skips_all_reduce_on_non_final_micro_steps(tmp_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fmb.train import parallel
+    from fmb.train.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = ToyModel(toy_config(tmp_path).model)
+        ddp = DistributedDataParallel(model)
+        calls = []
+
+        def count(state, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, count)
+        info = DistInfo(rank=0, world_size=2)  # the multi-process code path, over a real process group
+        for micro in range(4):
+            with parallel.gradient_sync(ddp, model, "ddp", info, enabled=micro == 3):
+                ddp(torch.randn(2, 8)).sum().backward()
+        assert len(calls) == 1  # one all-reduce per optimizer step, after the last micro-step
+    finally:
+        dist.destroy_process_group()
+
+
+def _schedule(**kwargs):
+    from fmb.train.config import ScheduleConfig
+    return ScheduleConfig(**kwargs)

@@ -80,6 +80,8 @@ def _merge(dst: dict, src: dict, source: str, origins: dict[str, str], prefix: s
     for key, value in src.items():
         key = str(key)
         dotted = f"{prefix}{key}"
+        if value is None and isinstance(dst.get(key), dict):
+            continue  # an empty `section:` (all keys commented out) changes nothing
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
             _merge(dst[key], value, source, origins, dotted + ".")
         else:

@@ -41,6 +41,16 @@ class SplitRows:
     def row(self, i: int) -> dict:
         return self.source.row(int(self.indices[i]))
 
+    def shuffle_blocks(self) -> list[np.ndarray] | None:
+        """Positions grouped by parquet row group (see fmb.train.loader.ResumableSampler); None for
+        memory-mapped Arrow, where any order is cheap."""
+        if not self.source.compressed:
+            return None
+        chunks = self.source.chunk_of(self.indices)
+        order = np.argsort(chunks, kind="stable")
+        bounds = np.flatnonzero(np.diff(chunks[order])) + 1
+        return np.split(order, bounds)
+
     def where(self, i: int) -> str:
         file, row = self.source.locate(int(self.indices[i]))
         return f"{file.name} row {row}"

@@ -148,6 +148,15 @@ class TableSource:
             self._cache.popitem(last=False)
         return table
 
+    def chunk_of(self, rows: np.ndarray) -> np.ndarray:
+        """The storage chunk (parquet row group, or Arrow file) of each global row index."""
+        return np.searchsorted(np.asarray(self._starts), np.asarray(rows), side="right") - 1
+
+    @property
+    def compressed(self) -> bool:
+        """True when rows are read by decoding parquet row groups (random access is costly)."""
+        return any(group >= 0 for _, group in self._chunks)
+
     def locate(self, index: int) -> tuple[Path, int]:
         """(file, row within file) of a global row index, for error messages."""
         chunk = bisect.bisect_right(self._starts, index) - 1

@@ -65,16 +65,18 @@ def load_embeddings(path: str | Path) -> EmbeddingFile:
 
 
 def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
-    rows = column.to_pylist()
-    width = next((len(r) for r in rows if r is not None), None)
-    if width is None:
+    """(rows, width) float32 from a list column, NaN rows where the value is null (vectorised)."""
+    array = column.combine_chunks()
+    valid = ~array.is_null().to_numpy(zero_copy_only=False)
+    if not valid.any():
         raise DataError(f"{path}: column {name} is empty (all null)")
-    out = np.full((len(rows), width), np.nan, dtype=np.float32)
-    for i, row in enumerate(rows):
-        if row is not None:
-            if len(row) != width:
-                raise DataError(f"{path}: column {name} row {i} has {len(row)} values, expected {width}")
-            out[i] = row
+    present = array.filter(pa.array(valid))
+    lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
+    if len(lengths) != 1:
+        raise DataError(f"{path}: column {name} has rows of different lengths ({lengths[:5].tolist()})")
+    width = int(lengths[0])
+    out = np.full((len(array), width), np.nan, dtype=np.float32)
+    out[valid] = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
     return out
 
 

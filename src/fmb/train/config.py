@@ -8,6 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fmb.errors import ConfigError
+
+
+def _require_positive(section: str, obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key '{section}.{name}' = {value}: must be at least 1")
+
 
 @dataclass
 class OptimConfig:
@@ -45,6 +54,9 @@ class CheckpointConfig:
     keep_last: int = 3
     best_metric: str | None = "val/loss"  # any logged validation metric; None: no best tracking
     best_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        _require_positive("train.checkpoint", self, ("every",))
 
 
 @dataclass
@@ -90,6 +102,10 @@ class TrainConfig:
     tf32: bool = True
     progress: bool = True
     log_to: list[str] = field(default_factory=list)  # tensorboard, wandb
+
+    def __post_init__(self) -> None:
+        _require_positive("train", self, ("batch_size", "grad_accum_steps", "global_batch_size", "max_steps", "epochs",
+                                          "eval_every", "log_every", "eval_max_batches", "cpu_threads"))
 
 
 @dataclass

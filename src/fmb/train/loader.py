@@ -11,26 +11,52 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch (after `start` samples)."""
+    """DistributedSampler that can start part-way through an epoch (after `start` samples).
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True) -> None:
+    A dataset stored in compressed blocks (parquet row groups) can expose `shuffle_blocks()`: a
+    list of index arrays, one per block. The epoch order then shuffles the blocks, and the rows
+    within each window of `block_window` consecutive blocks, so reading in that order decodes each
+    block once per epoch instead of once per sample (readers keep a few blocks cached).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, shuffle: bool = True,
+                 block_window: int = 4) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
+        self.block_window = block_window
+        blocks = dataset.shuffle_blocks() if hasattr(dataset, "shuffle_blocks") else None
+        self.blocks = blocks if blocks is not None and len(blocks) > 1 else None
 
     def set_start(self, start: int) -> None:
         self.start = start
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        if self.shuffle and self.blocks is not None:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = block_shuffle(self.blocks, generator, self.block_window)[: self.total_size]
+            indices = order[self.rank : self.total_size : self.num_replicas]
+        else:
+            indices = list(super().__iter__())
         return iter(indices[self.start :])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+def block_shuffle(blocks: list[np.ndarray], generator: torch.Generator, window: int) -> list[int]:
+    """Blocks in random order; rows shuffled within each window of `window` consecutive blocks."""
+    order = torch.randperm(len(blocks), generator=generator).tolist()
+    out: list[int] = []
+    for first in range(0, len(order), window):
+        members = np.concatenate([blocks[b] for b in order[first : first + window]])
+        out.extend(members[torch.randperm(len(members), generator=generator).numpy()].tolist())
+    return out
 
 
 class ShardSampler(Sampler[int]):

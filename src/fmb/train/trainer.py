@@ -16,7 +16,6 @@ import math
 import random
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,11 +210,14 @@ class BaseTrainer:
     # ------------------------------------------------------------------ run
 
     def fit(self, resume: bool = False) -> RunResult:
-        try:
-            self.setup(resume)
-            return self._loop()
-        finally:
-            self.close()
+        # The handler is installed before set-up: a signal while data or the model load is honoured
+        # (a checkpoint at the first step, exit 75) instead of killing the process.
+        with StopRequest() as stop:
+            try:
+                self.setup(resume)
+                return self._loop(stop)
+            finally:
+                self.close()
 
     def setup(self, resume: bool = False) -> None:
         """Everything before the first step: processes, run directory, data, model, optimizer,
@@ -228,6 +230,10 @@ class BaseTrainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = resolve_device(self.cfg.device, self.dist.local_rank)
         cfg = self.cfg
+        existing = ckpt.latest_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise ConfigError(f"{self.run_dir} already holds a run (newest checkpoint {existing.name}): pass --resume "
+                              "to continue it, or choose another --out")
         self._setup_run_dir()
         self._setup_precision()
         self.prepare()
@@ -248,6 +254,9 @@ class BaseTrainer:
                 f"{cfg.batch_size} per process x {self.dist.world_size} processes: lower train.batch_size"
             )
         self.val_loader = None
+        if val_set is not None and 0 < len(val_set) < self.dist.world_size:
+            raise DataError(f"the validation split has {len(val_set)} samples, fewer than the {self.dist.world_size} "
+                            "processes that share it: use more validation data")
         if val_set is not None and len(val_set) > 0:
             limit = cfg.eval_max_batches * cfg.batch_size if cfg.eval_max_batches else None
             sampler = ShardSampler(len(val_set), self.dist.rank, self.dist.world_size, limit)
@@ -283,14 +292,14 @@ class BaseTrainer:
         self._close_logging()
         shutdown_distributed()
 
-    def _loop(self) -> RunResult:
+    def _loop(self, stop: StopRequest) -> RunResult:
         cfg = self.cfg
         prog = self.progress
         meter = Meter()
-        nonfinite_streak = torch.zeros((), device=self.device)
-        nonfinite_count = torch.zeros((), device=self.device)
-        recent_ids: deque = deque(maxlen=max(1, cfg.max_nonfinite_steps))
-        check_every = max(1, min(cfg.log_every, cfg.max_nonfinite_steps))
+        # Per-step "non-finite" flags stay on the device and are read once per window.
+        window: list[tuple[int, list, torch.Tensor]] = []
+        check_every = max(1, min(cfg.log_every, cfg.max_nonfinite_steps)) if cfg.max_nonfinite_steps > 0 else cfg.log_every
+        self._streak: list[tuple[int, list]] = []
         metrics: dict[str, float] = {}
         status = "completed"
 
@@ -302,74 +311,74 @@ class BaseTrainer:
         if cfg.eval_at_start and self.val_loader is not None and prog.step == 0:
             metrics = self._validate()
 
-        with StopRequest() as stop:
-            while prog.step < self.total_steps:
-                factor = self.schedule.factor(prog.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
+        while prog.step < self.total_steps:
+            factor = self.schedule.factor(prog.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
 
-                step_ids = []
-                loss_sum = torch.zeros((), device=self.device)
-                for micro in range(self.accum):
-                    wait_start = time.perf_counter()
-                    batch = next(batches)
-                    interval["data_wait"] += time.perf_counter() - wait_start
-                    step_ids.extend(self.batch_ids(batch))
-                    batch = to_device(batch, self.device)
-                    last = micro == self.accum - 1
-                    with parallel.gradient_sync(self.train_model, self.model, cfg.parallel, self.dist, enabled=last):
-                        with self.autocast():
-                            out = self.compute_loss(self.train_model, batch)
-                        loss = out.loss / self.accum  # the mean over the whole accumulated batch
-                        (self.scaler.scale(loss) if self.scaler else loss).backward()
-                    loss_sum = loss_sum + loss.detach().float()
-                    meter.add({"loss": out.loss, **out.components})
-                    interval["samples"] += out.n_samples
-                    interval["tokens"] += out.n_tokens
-                recent_ids.append((prog.step, step_ids))
+            step_ids = []
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in range(self.accum):
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                interval["data_wait"] += time.perf_counter() - wait_start
+                step_ids.extend(self.batch_ids(batch))
+                batch = to_device(batch, self.device)
+                last = micro == self.accum - 1
+                with parallel.gradient_sync(self.train_model, self.model, cfg.parallel, self.dist, enabled=last):
+                    with self.autocast():
+                        out = self.compute_loss(self.train_model, batch)
+                    loss = out.loss / self.accum  # the mean over the whole accumulated batch
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_sum = loss_sum + loss.detach().float()
+                meter.add({"loss": out.loss, **out.components})
+                interval["samples"] += out.n_samples
+                interval["tokens"] += out.n_tokens
+            grad_norm, found_inf = self.optimizer_step()
+            meter.add({"grad_norm": grad_norm})
+            # fp16: the scaler's own overflow skips are normal; count steps whose loss is non-finite.
+            bad = (~torch.isfinite(loss_sum)).float() if self.scaler is not None else found_inf
+            window.append((prog.step, step_ids, bad))
 
-                grad_norm, found_inf = self.optimizer_step()
-                meter.add({"grad_norm": grad_norm})
-                nonfinite_streak = (nonfinite_streak + found_inf) * found_inf
-                nonfinite_count = nonfinite_count + found_inf
+            prog.step += 1
+            interval["steps"] += 1
+            bar.update(1)
+            is_last = prog.step >= self.total_steps
 
-                prog.step += 1
-                interval["steps"] += 1
-                bar.update(1)
-                is_last = prog.step >= self.total_steps
+            if prog.step % check_every == 0 or is_last:
+                self._check_nonfinite(window)
+                window = []
 
-                if prog.step % check_every == 0 or is_last:
-                    self._check_nonfinite(int(nonfinite_streak.item()), recent_ids)
+            if prog.step % cfg.log_every == 0 or is_last:
+                elapsed = time.perf_counter() - interval_start
+                record = self._train_record(meter, interval, elapsed, prog.nonfinite_total)
+                self.metrics_log.write(record)
+                bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4g}", refresh=False)
+                log.info(summary_line(record, ("train/loss", *[f"train/{k}" for k in self.summary_keys],
+                                               "lr", "samples_per_s")))
+                interval_start = time.perf_counter()
+                interval = {"steps": 0, "samples": 0, "tokens": 0, "data_wait": 0.0}
 
-                if prog.step % cfg.log_every == 0 or is_last:
-                    elapsed = time.perf_counter() - interval_start
-                    record = self._train_record(meter, interval, elapsed, int(nonfinite_count.item()))
-                    self.metrics_log.write(record)
-                    bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4g}", refresh=False)
-                    log.info(summary_line(record, ("train/loss", *[f"train/{k}" for k in self.summary_keys],
-                                                   "lr", "samples_per_s")))
-                    interval_start = time.perf_counter()
-                    interval = {"steps": 0, "samples": 0, "tokens": 0, "data_wait": 0.0}
+            evaluated = False
+            if self.val_loader is not None and (prog.step % cfg.eval_every == 0 or is_last):
+                metrics = self._validate()
+                evaluated = True
 
-                evaluated = False
-                if self.val_loader is not None and (prog.step % cfg.eval_every == 0 or is_last):
-                    metrics = self._validate()
-                    evaluated = True
-
-                stop_now = any_rank(stop.requested, self.dist)
-                early = evaluated and self.early_stopping.should_stop(metrics)
-                if prog.step % cfg.checkpoint.every == 0 or is_last or stop_now or early:
-                    self._save(metrics if evaluated else None)
-                if stop_now:
-                    log.warning(f"stop requested ({stop.signal_name or 'signal on another rank'}): "
-                                f"checkpoint written at step {prog.step}; resume with --resume")
-                    status = "stopped"
-                    break
-                if early:
-                    log.info(f"early stopping at step {prog.step}: {cfg.early_stopping.metric} has not improved "
-                             f"for {cfg.early_stopping.patience} evaluations")
-                    status = "early_stopped"
-                    break
+            stop_now = any_rank(stop.requested, self.dist)
+            early = evaluated and self.early_stopping.should_stop(metrics)
+            new_best = evaluated and self._improves_best(metrics)
+            if prog.step % cfg.checkpoint.every == 0 or is_last or stop_now or early or new_best:
+                self._save(metrics if evaluated else None)
+            if stop_now:
+                log.warning(f"stop requested ({stop.signal_name or 'signal on another rank'}): "
+                            f"checkpoint written at step {prog.step}; resume with --resume")
+                status = "stopped"
+                break
+            if early:
+                log.info(f"early stopping at step {prog.step}: {cfg.early_stopping.metric} has not improved "
+                         f"for {cfg.early_stopping.patience} evaluations")
+                status = "early_stopped"
+                break
         bar.close()
         return RunResult(status=status, step=prog.step, run_dir=self.run_dir, metrics=metrics, best=self.best)
 
@@ -411,17 +420,35 @@ class BaseTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach(), found_inf
 
-    def _check_nonfinite(self, streak: int, recent_ids: deque) -> None:
+    def _check_nonfinite(self, window: list[tuple[int, list, torch.Tensor]]) -> None:
+        """Read the window's flags (one synchronisation), agree on them across ranks (a CPU
+        collective), count them, and stop when `max_nonfinite_steps` came in a row."""
+        if not window:
+            return
+        flags = torch.stack([flag for _, _, flag in window]).cpu().to(torch.int32)
+        if self.dist.enabled:  # fp16 losses are per rank: any rank's bad step counts for all
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self.dist.control_group)
         limit = self.cfg.max_nonfinite_steps
-        if streak >= limit > 0:
-            bad = list(recent_ids)[-streak:]
-            steps = ", ".join(str(s) for s, _ in bad)
-            ids = [i for _, batch_ids in bad for i in batch_ids][:20]
-            raise TrainingError(
-                f"{streak} optimizer steps in a row had a non-finite loss or gradient (steps {steps}); "
-                f"stopping. Object ids in those batches (first 20): {ids or 'n/a'}. Lower the learning "
-                "rate, check the data of these objects, or try train.precision=fp32."
-            )
+        for (step, ids, _), bad in zip(window, flags.tolist(), strict=True):
+            if not bad:
+                self._streak = []
+                continue
+            self.progress.nonfinite_total += 1
+            self._streak.append((step, ids))
+            if len(self._streak) >= limit > 0:
+                steps = ", ".join(str(s) for s, _ in self._streak)
+                objects = [i for _, batch_ids in self._streak for i in batch_ids][:20]
+                raise TrainingError(
+                    f"{len(self._streak)} optimizer steps in a row had a non-finite loss or gradient (steps {steps}); "
+                    f"stopping. Object ids in those batches (first 20): {objects or 'n/a'}. Lower the learning "
+                    "rate, check the data of these objects, or try train.precision=fp32."
+                )
+
+    def _improves_best(self, metrics: dict[str, float]) -> bool:
+        name = self.cfg.checkpoint.best_metric
+        if not name or name not in metrics or not math.isfinite(metrics[name]):
+            return False
+        return self.best is None or is_improvement(metrics[name], self.best["value"], self.cfg.checkpoint.best_mode, 0.0)
 
     def _train_record(self, meter: Meter, interval: dict, elapsed: float, nonfinite: int) -> dict[str, Any]:
         values = meter.read()
@@ -473,11 +500,9 @@ class BaseTrainer:
         step = self.progress.step
         best_cfg = self.cfg.checkpoint
         is_best = False
-        if metrics and best_cfg.best_metric and best_cfg.best_metric in metrics:
-            value = metrics[best_cfg.best_metric]
-            if math.isfinite(value) and (self.best is None or is_improvement(value, self.best["value"], best_cfg.best_mode, 0.0)):
-                self.best = {"metric": best_cfg.best_metric, "value": value, "step": step}
-                is_best = True
+        if metrics and self._improves_best(metrics):
+            self.best = {"metric": best_cfg.best_metric, "value": metrics[best_cfg.best_metric], "step": step}
+            is_best = True
         rng_states = gather_objects(ckpt.capture_rng(), self.dist)
         model_state = parallel.full_model_state(self.model, self.cfg.parallel, self.dist)  # collective under FSDP
         if self.dist.is_main:
@@ -524,7 +549,9 @@ class BaseTrainer:
             state = torch.load(directory / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
         except Exception as exc:  # a corrupt file must stop the run, never start it afresh
             raise ckpt.CheckpointError(f"cannot read {directory / ckpt.STATE_FILE}: {exc}") from exc
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         parallel.load_optimizer(self.model, self.optimizer, self.cfg.parallel, self.dist, directory, state["optimizer"])
+        self._reapply_hyperparameters(configured)
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -540,6 +567,16 @@ class BaseTrainer:
             ratio = state["world_size"] / self.dist.world_size
             self.progress.batches_in_epoch = int(self.progress.batches_in_epoch * ratio)
         log.info(f"resumed from {directory} (step {self.progress.step}, epoch {self.progress.epoch})")
+
+    def _reapply_hyperparameters(self, configured: list[dict[str, Any]]) -> None:
+        """Loading an optimizer state restores the saved lr, weight decay, betas and eps; the
+        configuration of this run wins (lowering the lr before a requeue must take effect)."""
+        for group, wanted in zip(self.optimizer.param_groups, configured, strict=True):
+            for key in ("base_lr", "lr", "weight_decay", "betas", "eps"):
+                if key in wanted and group.get(key) != wanted[key]:
+                    if key != "lr":
+                        log.info(f"resume: {group.get('name', 'group')} {key} {group.get(key)} -> {wanted[key]} (from the config)")
+                    group[key] = wanted[key]
 
     # ------------------------------------------------------------------ set-up
 

@@ -59,6 +59,9 @@ class EuclidDesiPatches(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def shuffle_blocks(self) -> list[np.ndarray] | None:
+        return self.rows.shuffle_blocks()
+
     def __getitem__(self, i: int) -> dict:
         row = self.rows.row(i)
         object_id = int(row["object_id"])
