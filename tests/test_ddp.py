@@ -77,8 +77,9 @@ def test_two_gloo_ranks_match_single_process(ddp_run, tmp_path):
         return [json.loads(x) for x in lines if "val/loss" in x][-1]["val/loss"]
 
     assert last_val(ddp_run) == pytest.approx(last_val(tmp_path / "single"), rel=1e-4)
-    # only rank 0 writes files
-    assert len(list((ddp_run / "checkpoints").glob("step_*"))) == 1
+    # rank 0 writes one directory per save (step 3: best validation, step 6: the end), nothing half-done
+    names = sorted(p.name for p in (ddp_run / "checkpoints").iterdir())
+    assert names == ["best.json", "step_0000003", "step_0000006"]
 
 
 def test_fsdp_matches_ddp_and_resumes(ddp_run, tmp_path):
