@@ -35,6 +35,7 @@ class Family:
 # name -> ("module:attribute", one-line summary)
 BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
     "astropt": ("fmb.models.astropt:FAMILY", "multimodal patch-GPT on Euclid images + DESI spectra"),
+    "aion": ("fmb.models.aion:FAMILY", "Euclid <-> HSC adapters through the AION image codec"),
 }
 
 _registered: dict[str, Family] = {}
