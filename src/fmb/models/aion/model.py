@@ -337,7 +337,7 @@ class AionImageCodec(nn.Module):
             raise ValueError(f"images must be at least {CROP} x {CROP} pixels for the AION codec, got {height} x {width}")
         idx = self._band_table(bands, flux.device)
         top, left = (height - CROP) // 2, (width - CROP) // 2
-        x = flux[:, :, top:top + CROP, left:left + CROP]
+        x = flux[:, :, top:top + CROP, left:left + CROP].float()  # arcsinh / sinh need fp32 under autocast
         limit = self.clamp[idx].view(1, -1, 1, 1).to(x.dtype)
         x = self.compress(torch.maximum(torch.minimum(x, limit), -limit), bands)
         padded = x.new_zeros(x.shape[0], len(BAND_INDEX), CROP, CROP)
@@ -370,7 +370,7 @@ class AionImageCodec(nn.Module):
         out = self.model.decode(self.post_quant_proj(quantized))
         everything = torch.ones(out.shape[0], len(BAND_INDEX), dtype=torch.bool, device=out.device)
         idx = self._band_table(bands, out.device)
-        values = self.subsample_out(out, everything)[:, idx]
+        values = self.subsample_out(out, everything)[:, idx].float()
         if clamp:
             f, mult = self.cfg.range_compression_factor, self.cfg.mult_factor
             limit = torch.asinh(self.clamp[idx] / self.zp_scale[idx] / f) * f * mult
@@ -468,10 +468,10 @@ class AionAdapters(nn.Module):
         self.latent_consistency = latent_consistency
 
     def to_hsc(self, euclid: torch.Tensor) -> torch.Tensor:
-        return self.euclid_to_hsc(torch.asinh(euclid / self.euclid_softening))
+        return self.euclid_to_hsc(torch.asinh(euclid.float() / self.euclid_softening))
 
     def to_euclid(self, hsc: torch.Tensor) -> torch.Tensor:
-        return self.hsc_to_euclid(self.codec.compress(hsc, HSC_BANDS))
+        return self.hsc_to_euclid(self.codec.compress(hsc.float(), HSC_BANDS))
 
     def codec_round_trip(self, hsc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent = self.codec.encode(hsc, HSC_BANDS)
