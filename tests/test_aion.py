@@ -257,6 +257,17 @@ def test_gradient_modes_reach_the_adapters_only():
     torch.testing.assert_close(out["hsc_decoded"], decoded, rtol=1e-5, atol=1e-6)
 
 
+def test_latent_consistency_outputs_and_gradient():
+    codec = tiny_codec()
+    codec.requires_grad_(False)
+    model = AionAdapters(codec, hidden=4, latent_consistency=True)
+    out = model(torch.rand(2, 4, 96, 96) * 0.1)
+    assert out["latent_decoded"].shape == out["latent"].shape == (2, 5, 24, 24)
+    torch.nn.functional.mse_loss(out["latent_decoded"], out["latent"].detach()).backward()
+    assert model.euclid_to_hsc.head.weight.grad.abs().sum() > 0  # the term trains the Euclid -> HSC adapter
+    assert model.hsc_to_euclid.head.weight.grad is None
+
+
 def test_band_errors():
     target = torch.ones(1, 2, 4, 4)
     prediction = target.clone()
