@@ -146,7 +146,7 @@ def test_loading_all_layouts_strictly(tmp_path):
     from safetensors.torch import load_file
 
     assert "_quantizer.levels" in load_file(str(flat / "model.safetensors"))
-    for root in (flat, tmp_path / "hub", tmp_path / "cache", cache):
+    for root in (flat, flat / "model.safetensors", tmp_path / "hub", tmp_path / "cache", cache):
         loaded = load_codec(root).eval()
         with torch.no_grad():
             assert torch.equal(loaded.indices(flux, LEGACY_BANDS), reference), root

@@ -54,6 +54,8 @@ def find_codec_dir(path: str | Path) -> Path:
     root = Path(path).expanduser()
     if not root.exists():
         raise CheckpointError(f"AION codec path {root} does not exist (paths_local.yaml: {PATHS_KEY})")
+    if root.is_file():  # pointed at config.json or model.safetensors itself
+        root = root.parent
     searched = candidate_dirs(root)
     for directory in searched:
         if (directory / CONFIG_NAME).is_file() and (directory / WEIGHTS_NAME).is_file():
