@@ -241,10 +241,6 @@ class FSQ(nn.Module):
                              persistent=False)
         self.eps = eps
 
-    @property
-    def codebook_size(self) -> int:
-        return int(math.prod(self.levels.tolist()))
-
     def _per_channel(self, ndim: int) -> torch.Tensor:
         return self.levels.float().view(1, -1, *([1] * (ndim - 2)))
 
@@ -301,17 +297,18 @@ class AionImageCodec(nn.Module):
         self.quantizer = FSQ(cfg.quantizer_levels)
         names = list(BAND_INDEX)
         self.register_buffer("clamp", torch.tensor([BAND_CLAMP[b] for b in names]), persistent=False)
+        self._tables: dict[tuple, torch.Tensor] = {}
         self.register_buffer("zp_scale", torch.tensor([HSC_ZP_SCALE if b.startswith("HSC") else 1.0 for b in names]),
                              persistent=False)
-
-    @property
-    def grid(self) -> int:
-        return CROP // 2**self.cfg.n_compressions
 
     # -- preprocessing (pure functions of the input: nothing is modified in place)
 
     def _band_table(self, bands: list[str] | tuple[str, ...], device: torch.device) -> torch.Tensor:
-        return torch.tensor(band_indices(bands), device=device)
+        # Cached: building the index tensor on a GPU each call would be a host-to-device copy per step.
+        key = (tuple(bands), str(device))
+        if key not in self._tables:
+            self._tables[key] = torch.tensor(band_indices(bands), device=device)
+        return self._tables[key]
 
     def compress(self, flux: torch.Tensor, bands: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Zero-point rescale and range compression: arcsinh(x / f) * f * mult."""
