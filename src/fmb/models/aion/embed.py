@@ -27,7 +27,7 @@ from fmb.train.distributed import resolve_device
 
 
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
-    model, config, directory = load_checkpoint_model(checkpoint)
+    model, config, directory = load_checkpoint_model(checkpoint, options.get("set", []))
     device = resolve_device(options.get("device", "auto"), 0)
     model.to(device).eval()
     data_cfg = config.data

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmb.config import ConfigLayers, build
+from fmb.config import ConfigLayers, build, parse_set_option
 from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, open_split
 from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
@@ -96,8 +96,7 @@ def build_adapters(cfg: AionModelConfig, codec: AionImageCodec) -> AionAdapters:
 
 
 def load_run_config(directory: Path, sets: list[str] | None = None) -> AionConfig:
-    from fmb.config import parse_set_option
-
+    """A checkpoint's run config, with `--set` overrides (e.g. data.fit for `fmb embed`)."""
     layers = ConfigLayers()
     layers.add_file(directory / ckpt.CONFIG_FILE)
     for option in sets or []:
@@ -111,10 +110,10 @@ def checkpoint_dir(path: str | Path) -> Path:
     return directory
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> tuple[AionAdapters, AionConfig, Path]:
+def load_checkpoint_model(checkpoint: str | Path, sets: list[str] | None = None) -> tuple[AionAdapters, AionConfig, Path]:
     """An aion checkpoint (step dir or run dir) -> its model (codec shape from its config), strictly loaded."""
     directory = checkpoint_dir(checkpoint)
-    config = load_run_config(directory)
+    config = load_run_config(directory, sets)
     model = build_adapters(config.model, AionImageCodec(config.model.codec.shape))
     ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
     return model, config, directory
