@@ -29,6 +29,7 @@ from fmb.models.aion.model import (
 )
 from fmb.models.aion.samples import band_errors
 from fmb.models.aion.weights import build_codec, load_codec, save_codec
+from fmb.train.checkpoint import find_checkpoint
 
 TINY = CodecConfig(quantizer_levels=[7, 5, 5, 5, 5], hidden_dims=8, num_consecutive=1)
 
@@ -308,6 +309,15 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     adapters = load_file(str(run / "adapters.safetensors"))
     assert adapters and all(k.startswith(("euclid_to_hsc.", "hsc_to_euclid.")) for k in adapters)
 
+    # resume restores adapters and codec strictly and continues
+    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "18",
+                        "--resume", "--no-progress", "--set", "data.synthetic=24", "--set", "train.batch_size=4",
+                        "--set", "train.eval_every=16", "--set", "model.codec.shape.hidden_dims=8",
+                        "--set", "data.sample_grid=2", "--set", "train.optim.lr=1e-2")
+    assert code == 0, err
+    assert "resumed from" in (run / "train.log").read_text()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 18
+
     out = tmp_path / "emb.parquet"
     code, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"), "--split", "test", "--batch-size", "4")
@@ -328,7 +338,7 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
                         "--set", "model.gradient=full", "--set", "model.freeze_adapters=true",
                         "--set", "model.codec.activation_checkpointing=true", "--set", "data.sample_grid=0")
     assert code == 0, err
-    before = load_file(str(next((run / "checkpoints").glob("step_*")) / "model.safetensors"))
+    before = load_file(str(find_checkpoint(run) / "model.safetensors"))  # what init_from starts from
     after = load_file(str(next((tuned / "checkpoints").glob("step_*")) / "model.safetensors"))
     assert not torch.equal(before["codec.model.conv_out.conv.weight"], after["codec.model.conv_out.conv.weight"])
     assert torch.equal(before["codec.model.conv_in.conv.weight"], after["codec.model.conv_in.conv.weight"])
