@@ -37,6 +37,7 @@ BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
     "astropt": ("fmb.models.astropt:FAMILY", "multimodal patch-GPT on Euclid images + DESI spectra"),
     "astrom3": ("fmb.models.astrom3:FAMILY", "trimodal CLIP: light curves, spectra, metadata; variable-star classifiers"),
     "astromodal": ("fmb.models.astromodal:FAMILY", "S-PLUS token transformer: images, scalars, spectra"),
+    "aion": ("fmb.models.aion:FAMILY", "Euclid <-> HSC adapters through the AION image codec"),
 }
 
 _registered: dict[str, Family] = {}

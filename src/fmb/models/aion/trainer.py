@@ -1,0 +1,241 @@
+"""`fmb retrain aion`: Euclid <-> HSC adapters through the frozen AION image codec (or a codec fine-tune).
+
+Loss: masked MSE between the Euclid input and its round trip Euclid -> HSC -> codec -> HSC ->
+Euclid (in flux, or in arcsinh space with model.loss_space=asinh), plus optionally
+model.latent_weight x MSE between the codec latents of the adapted image and of its reconstruction.
+Codec fine-tune mode: model.codec.train = encoder | decoder | all (needs model.gradient=full).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmb.config import ConfigLayers, build, parse_set_option
+from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, open_split
+from fmb.errors import ConfigError
+from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
+from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm
+from fmb.models.aion.samples import band_errors, sample_grid, write_grid
+from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
+from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train import checkpoint as ckpt
+
+log = logging.getLogger("fmb")
+
+FAMILY = "aion"
+BAND_NAMES = tuple(c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS)
+ADAPTERS_FILE = "adapters.safetensors"
+
+
+@dataclass
+class AionCodecSettings:
+    path: str | None = None  # local codec directory (paths_local.yaml: aion_codec); see fmb.models.aion.weights
+    random_init: bool = False  # untrained codec of shape `shape` (demos and tests only; warns loudly)
+    shape: CodecConfig = field(default_factory=CodecConfig)  # filled from config.json when loading `path`
+    train: Literal["none", "encoder", "decoder", "all"] = "none"  # codec fine-tune mode
+    lr: float | None = None  # learning rate of fine-tuned codec weights (None: train.optim.lr)
+    activation_checkpointing: bool = False  # recompute codec activations in backward (gradient=full)
+    clamp_decoded: bool = True  # bound decoded HSC flux to the codec's clamp range
+
+
+@dataclass
+class AionModelConfig:
+    codec: AionCodecSettings = field(default_factory=AionCodecSettings)
+    depth: int = 2  # U-Net max-pool steps
+    hidden: int = 16  # U-Net widths hidden, 2 x hidden, ... (16/32/64)
+    norm: Norm = "batch"
+    euclid_softening: float = 0.01  # adapters see arcsinh(Euclid flux / this)
+    gradient: Literal["ste", "full"] = "ste"  # straight-through the codec, or backprop through it
+    loss_space: Literal["flux", "asinh"] = "flux"
+    latent_weight: float = 0.0  # latent-consistency term
+    freeze_adapters: bool = False  # train only the codec (codec fine-tune mode)
+    init_from: str | None = None  # fmb aion checkpoint (adapters + codec) to start from
+
+
+@dataclass
+class AionDataConfig:
+    path: str | None = None  # Euclid+DESI parquet shards or save_to_disk directory
+    train_split: str = "train"
+    val_split: str | None = None  # None: hold out val_fraction of train by object_id
+    val_fraction: float = 0.05
+    fit: Fit = "resize"  # bring cutouts to 96 px by antialiased resize, or by centre crop (needs >= 96 px)
+    synthetic: int = 0  # > 0: write this many synthetic objects under <out>/data and train on them
+    sample_grid: int = 4  # objects in the PNG written at each validation (0: none)
+
+
+@dataclass
+class AionConfig(BaseTrainingConfig):
+    model: AionModelConfig = field(default_factory=AionModelConfig)
+    data: AionDataConfig = field(default_factory=AionDataConfig)
+
+
+def check_config(model: AionModelConfig) -> None:
+    if model.codec.train != "none" and model.gradient != "full":
+        raise ConfigError(f"model.codec.train={model.codec.train} needs model.gradient=full: with the straight-through "
+                          "gradient no gradient reaches the codec")
+    if model.freeze_adapters and model.codec.train == "none":
+        raise ConfigError("model.freeze_adapters=true with model.codec.train=none leaves nothing to train")
+    if not model.init_from:
+        require_codec_source(model.codec.path, model.codec.random_init)
+    if model.depth < 0 or model.hidden < 1:
+        raise ConfigError(f"model.depth must be >= 0 and model.hidden >= 1, got {model.depth} and {model.hidden}")
+
+
+def build_adapters(cfg: AionModelConfig, codec: AionImageCodec) -> AionAdapters:
+    codec.model.checkpointing = cfg.codec.activation_checkpointing
+    return AionAdapters(codec, n_euclid=len(BAND_NAMES), depth=cfg.depth, hidden=cfg.hidden, norm=cfg.norm,
+                        euclid_softening=cfg.euclid_softening, gradient=cfg.gradient,
+                        clamp_decoded=cfg.codec.clamp_decoded, latent_consistency=cfg.latent_weight > 0)
+
+
+def load_run_config(directory: Path, sets: list[str] | None = None) -> AionConfig:
+    """A checkpoint's run config, with `--set` overrides (e.g. data.fit for `fmb embed`)."""
+    layers = ConfigLayers()
+    layers.add_file(directory / ckpt.CONFIG_FILE)
+    for option in sets or []:
+        layers.set(*parse_set_option(option), source=f"--set {option}")
+    return build(AionConfig, layers)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    directory = ckpt.find_checkpoint(Path(path))
+    ckpt.check_family(directory, FAMILY)
+    return directory
+
+
+def load_checkpoint_model(checkpoint: str | Path, sets: list[str] | None = None) -> tuple[AionAdapters, AionConfig, Path]:
+    """An aion checkpoint (step dir or run dir) -> its model (codec shape from its config), strictly loaded."""
+    directory = checkpoint_dir(checkpoint)
+    config = load_run_config(directory, sets)
+    model = build_adapters(config.model, AionImageCodec(config.model.codec.shape))
+    ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+    return model, config, directory
+
+
+def masked_mse(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    valid = valid.to(prediction.dtype)
+    return ((prediction - target) ** 2 * valid).sum() / valid.sum().clamp_min(1)
+
+
+class AionTrainer(BaseTrainer):
+    family = FAMILY
+    config_cls = AionConfig
+    summary_keys = ("recon",)
+
+    def prepare(self) -> None:
+        data = self.config.data
+        check_config(self.config.model)
+        if data.path is None and data.synthetic > 0:
+            target = self.run_dir / "data"
+            with self.main_process_first() as is_main:
+                if is_main and not (target / "data").is_dir():
+                    from fmb.data.synth.euclid_desi import write
+
+                    log.info(f"writing {data.synthetic} synthetic Euclid+DESI objects ({SIZE} px) to {target}")
+                    write(target, data.synthetic, self.cfg.seed, image_size=SIZE)
+            data.path = str(target)
+        if data.path is None:
+            raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
+                              "euclid_desi), or add --demo to train on built-in synthetic data")
+
+    def build_model(self) -> nn.Module:
+        cfg = self.config.model
+        if cfg.init_from:
+            # Adapters and codec from an earlier aion run (e.g. to fine-tune the codec after the adapters).
+            directory = checkpoint_dir(cfg.init_from)
+            cfg.codec.shape = load_run_config(directory).model.codec.shape
+            model = build_adapters(cfg, AionImageCodec(cfg.codec.shape))
+            ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+            log.info(f"initialised adapters and codec from {directory}")
+        else:
+            codec = build_codec(cfg.codec.path, cfg.codec.random_init, cfg.codec.shape)
+            cfg.codec.shape = codec.cfg  # recorded in checkpoints, so they rebuild without the codec files
+            model = build_adapters(cfg, codec)
+        codec_trainable = {"none": [], "encoder": model.codec.encoder_parameters(),
+                           "decoder": model.codec.decoder_parameters(),
+                           "all": list(model.codec.parameters())}[cfg.codec.train]
+        for p in model.codec.parameters():
+            p.requires_grad_(False)
+        for p in codec_trainable:
+            p.requires_grad_(True)
+        if cfg.freeze_adapters:
+            for p in [*model.euclid_to_hsc.parameters(), *model.hsc_to_euclid.parameters()]:
+                p.requires_grad_(False)
+        return model
+
+    def lr_for(self, name: str) -> float | None:
+        return self.config.model.codec.lr if name.startswith("codec.") else None
+
+    def set_train_mode(self, model: nn.Module) -> None:
+        model.train()
+        if self.config.model.codec.train == "none":
+            model.codec.eval()
+
+    def datasets_for(self, split: str) -> EuclidBands:
+        data = self.config.data
+        rows = open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed, data.train_split)
+        return EuclidBands(rows, SIZE, data.fit)
+
+    def build_datasets(self):
+        self.val_set = self.datasets_for("validation")
+        return self.datasets_for("train"), self.val_set
+
+    def _space(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.model.loss_space == "asinh":
+            soft = self.config.model.euclid_softening
+            return torch.asinh(x / soft) * soft
+        return x
+
+    def _losses(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prediction, target = self._space(out["euclid"].float()), self._space(batch["euclid"])
+        recon = masked_mse(prediction, target, batch["valid"])
+        if "latent_decoded" not in out:
+            return recon, {"recon": recon}
+        latent = F.mse_loss(out["latent_decoded"].float(), out["latent"].detach().float())
+        return recon + self.config.model.latent_weight * latent, {"recon": recon, "latent": latent}
+
+    def compute_loss(self, model: nn.Module, batch: dict) -> StepOutput:
+        loss, parts = self._losses(model(batch["euclid"]), batch)
+        return StepOutput(loss=loss, components=parts, n_samples=batch["euclid"].shape[0])
+
+    def validation_step(self, model: nn.Module, batch: dict) -> dict[str, tuple[torch.Tensor, float]]:
+        out = model(batch["euclid"])
+        loss, parts = self._losses(out, batch)
+        n = batch["euclid"].shape[0]
+        metrics = {name: (value.detach() * n, n) for name, value in {"loss": loss, **parts}.items()}
+        mse, psnr = band_errors(out["euclid"].float(), batch["euclid"], batch["valid"])
+        for k, band in enumerate(BAND_NAMES):
+            metrics[f"mse_{band}"] = (mse[:, k].sum(), n)
+            metrics[f"psnr_{band}"] = (psnr[:, k].sum(), n)
+        metrics["psnr"] = (psnr.mean(dim=1).sum(), n)
+        return metrics
+
+    def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
+        if not self.dist.is_main:
+            return
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith("codec.")}
+        ckpt.save_safetensors(state, self.run_dir / ADAPTERS_FILE, {"fmb_family": FAMILY, "step": str(step)})
+        if self.config.model.codec.train != "none":
+            save_codec(model.codec, self.run_dir / "codec")
+        count = min(self.config.data.sample_grid, len(self.val_set))
+        if count <= 0:
+            return
+        items = [self.val_set[i] for i in range(count)]
+        euclid = torch.stack([item["euclid"] for item in items]).to(self.device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.autocast():
+            out = model(euclid)
+        if was_training:
+            self.set_train_mode(model)
+        grid = sample_grid(euclid, out["hsc"], out["euclid"], self.config.model.euclid_softening)
+        path = write_grid(self.run_dir / "samples" / f"{ckpt.step_dirname(step)}.png", grid)
+        log.info(f"sample grid: {path} (rows: objects; columns: Euclid {' '.join(BAND_NAMES)} | "
+                 f"HSC-like {' '.join(b[-1].lower() for b in HSC_BANDS)} | reconstructed Euclid)")
