@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from fmb.data.images import decode_image
 from fmb.data.splits import holdout_mask
-from fmb.data.tables import TableSource, available_splits
-from fmb.errors import DataError
+from fmb.data.tables import TableSource, available_splits, column_names
+from fmb.errors import ConfigError, DataError
 
 log = logging.getLogger("fmb")
 
@@ -77,6 +78,34 @@ def open_split(path: str, split: str, columns: list[str], val_split: str | None,
     if split != "validation" and len(indices) == 0:
         raise DataError(f"split '{split}' of {path} has no rows")
     return SplitRows(source, indices)
+
+
+def embedding_rows(data: str | None, split: str | None, columns: list[str], cfg: Any, seed: int) -> tuple[SplitRows, list[str]]:
+    """Rows for `fmb embed` and the scalar target columns to carry along (redshift, truth_*).
+
+    With `--data`, that dataset (naming `--split` when it has several); without, the run's
+    dataset (`cfg.path`) and its validation split unless `--split` says otherwise.
+    """
+    path = data or cfg.path
+    if path is None:
+        raise ConfigError("the checkpoint's config has no data.path: pass --data")
+    targets = [c for c in column_names(path) if (c == "redshift" or c.startswith("truth_")) and c not in columns]
+    if data is None:
+        rows = open_split(path, split or "validation", columns + targets, cfg.val_split, cfg.val_fraction, seed,
+                          cfg.train_split)
+    else:
+        splits = available_splits(Path(data))
+        if split is None and len(splits) > 1:
+            raise ConfigError(f"{data} has splits {', '.join(splits)}: choose one with --split")
+        rows = open_split(data, split or (splits[0] if splits else "all"), columns + targets, None, 0.0, 0)
+    if len(rows) == 0:
+        raise DataError("nothing to embed: the selected split is empty")
+    return rows, targets
+
+
+def scalar_values(row: dict, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Scalar columns of a row as tensors (NaN for nulls), for carrying targets through a loader."""
+    return {name: torch.tensor(float("nan") if row[name] is None else row[name]) for name in names}
 
 
 def _split_name(path: str, split: str) -> str | None:

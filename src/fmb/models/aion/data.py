@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, SplitRows
+from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, SplitRows, scalar_values
 from fmb.errors import DataError
 
 COLUMNS = ["object_id", *EUCLID_BAND_COLUMNS]
@@ -53,8 +53,9 @@ def band_image(values: object, size: int, fit: Fit, where: str) -> tuple[torch.T
 
 
 class EuclidBands(Dataset):
-    def __init__(self, rows: SplitRows, size: int = SIZE, fit: Fit = "resize") -> None:
+    def __init__(self, rows: SplitRows, size: int = SIZE, fit: Fit = "resize", extra_columns: tuple[str, ...] = ()) -> None:
         self.rows = rows
+        self.extra_columns = extra_columns  # scalar columns passed through (targets, for embeddings)
         self.size = size
         self.fit = fit
         self.factors = [EUCLID_ZERO_POINTS[c] / 3631.0 for c in EUCLID_BAND_COLUMNS]
@@ -72,4 +73,4 @@ class EuclidBands(Dataset):
             images.append(image * factor)
             masks.append(mask)
         return {"object_id": torch.tensor(object_id, dtype=torch.int64),
-                "euclid": torch.stack(images), "valid": torch.stack(masks)}
+                "euclid": torch.stack(images), "valid": torch.stack(masks), **scalar_values(row, self.extra_columns)}

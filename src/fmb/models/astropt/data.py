@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import SplitRows, clean_spectrum, rgb_tensor
+from fmb.data.euclid_desi import SplitRows, clean_spectrum, rgb_tensor, scalar_values
 from fmb.errors import DataError
 from fmb.models.astropt.model import Modality
 
@@ -70,9 +70,7 @@ class EuclidDesiPatches(Dataset):
             "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
             "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
         }
-        for column in self.extra_columns:
-            value = row[column]
-            item[column] = torch.tensor(float("nan") if value is None else value)
+        item.update(scalar_values(row, self.extra_columns))
         if "images" in self.modalities:
             patch = self.modalities["images"].patch_size
             try:

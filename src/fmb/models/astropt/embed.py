@@ -16,10 +16,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from fmb.config import ConfigLayers, build, parse_set_option
-from fmb.data.euclid_desi import open_split
-from fmb.data.tables import available_splits, column_names
+from fmb.data.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter, joint_embedding
-from fmb.errors import ConfigError, DataError
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 from fmb.models.astropt.trainer import AstroPTConfig, build_astropt, load_into, model_inputs
 from fmb.train import checkpoint as ckpt
@@ -35,11 +33,6 @@ def load_run_config(directory: Path, sets: list[str]) -> AstroPTConfig:
     return build(AstroPTConfig, layers)
 
 
-def truth_columns(path: str) -> list[str]:
-    """Scalar `truth_*` columns (synthetic data's latent truth), carried into the embeddings."""
-    return [name for name in column_names(path) if name.startswith("truth_")]
-
-
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
     directory = ckpt.find_checkpoint(checkpoint)
     config = load_run_config(directory, options.get("set", []))
@@ -51,22 +44,7 @@ def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]
     model.to(device).eval()
 
     data_cfg = config.data
-    split = options.get("split")
-    path = data or data_cfg.path
-    if path is None:
-        raise ConfigError(f"{directory}: its config has no data.path; pass --data")
-    truth = truth_columns(path)
-    if data is None:
-        rows = open_split(path, split or "validation", COLUMNS + truth, data_cfg.val_split, data_cfg.val_fraction,
-                          config.train.seed, data_cfg.train_split)
-    else:
-        splits = available_splits(Path(data))
-        if split is None and len(splits) > 1:
-            raise ConfigError(f"{data} has splits {', '.join(splits)}: choose one with --split")
-        rows = open_split(data, split or (splits[0] if splits else "all"), COLUMNS + truth, None, 0.0, 0)
-    if len(rows) == 0:
-        raise DataError("nothing to embed: the selected split is empty")
-
+    rows, truth = embedding_rows(data, options.get("split"), COLUMNS, data_cfg, config.train.seed)
     dataset = EuclidDesiPatches(rows, config.model.modalities, data_cfg.image_size, data_cfg.spectrum_length, tuple(truth))
     writer = EmbeddingWriter(out)
     remaining = Subset(dataset, range(writer.rows_done, len(dataset)))
