@@ -20,14 +20,14 @@ from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.errors import ConfigError
 from fmb.models.astrom3.data import AstroM3Dataset
 from fmb.models.astrom3.model import AstroM3
-from fmb.models.astrom3.trainer import INPUTS, load_checkpoint_config, resolve_checkpoint
+from fmb.models.astrom3.trainer import INPUTS, load_checkpoint_config
 from fmb.train import checkpoint as ckpt
 from fmb.train.distributed import resolve_device
 
 
 @torch.no_grad()
 def embed(checkpoint: Path, data: str | None, out_file: Path, options: dict[str, Any]) -> Path:
-    directory = resolve_checkpoint(checkpoint)
+    directory = ckpt.find_checkpoint(Path(checkpoint))
     cfg = load_checkpoint_config(directory)
     if options.get("set"):
         raise ConfigError("astrom3 embed takes no --set options; choose the split with --split NAME")

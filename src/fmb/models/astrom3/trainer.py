@@ -45,22 +45,6 @@ class AstroM3Config(BaseTrainingConfig):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory as given, or the best (else newest) checkpoint of a run directory."""
-    path = Path(path)
-    if (path / ckpt.META_FILE).is_file():
-        return path
-    best = path / "checkpoints" / "best.json"
-    if best.is_file():
-        directory = path / "checkpoints" / json.loads(best.read_text())["dir"]
-        if ckpt.is_complete(directory):
-            return directory
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"{path} is neither an fmb checkpoint directory nor a run directory with checkpoints")
-    return latest
-
-
 def load_checkpoint_config(directory: Path) -> AstroM3Config:
     ckpt.check_family(directory, "astrom3")
     layers = ConfigLayers()
@@ -71,7 +55,7 @@ def load_checkpoint_config(directory: Path) -> AstroM3Config:
 def load_pretrained(model: AstroM3, source: str | Path) -> Path:
     """Copy every encoder, projection and metadata-statistics tensor the model has from an
     astrom3 checkpoint (a CLIP run holds all of them); the classification head stays new."""
-    directory = resolve_checkpoint(source)
+    directory = ckpt.find_checkpoint(Path(source))
     ckpt.check_family(directory, "astrom3")
     state = ckpt.read_safetensors(directory / ckpt.MODEL_FILE)
     wanted = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}

@@ -15,7 +15,6 @@ from torch.utils.data import DataLoader
 from fmb.config import ConfigLayers, build, read_yaml
 from fmb.data.splits import holdout_mask
 from fmb.embeddings import EmbeddingWriter
-from fmb.errors import CheckpointError
 from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
 from fmb.models.astromodal.model import AstromodalTransformer
 from fmb.models.astromodal.tokenize import Tokenizers, encode_dataset
@@ -25,20 +24,9 @@ from fmb.train.distributed import resolve_device
 log = logging.getLogger("fmb")
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """A step directory, or the newest complete one of a run directory."""
-    path = Path(path)
-    if ckpt.is_complete(path):
-        return path
-    latest = ckpt.latest_checkpoint(path)
-    if latest is None:
-        raise CheckpointError(f"{path} is neither a checkpoint directory nor a run directory with checkpoints")
-    return latest
-
-
 def tokenizer_dir(config: Any, directory: Path) -> Path:
     """The run's fitted tokenisers: data.tokenizers, else <run>/tokenizers."""
-    run_dir = Path(config.train.out) if config.train.out else checkpoint_dir(directory).parent.parent
+    run_dir = Path(config.train.out) if config.train.out else ckpt.find_checkpoint(Path(directory)).parent.parent
     return Path(config.data.tokenizers) if config.data.tokenizers else run_dir / "tokenizers"
 
 
@@ -46,7 +34,7 @@ def load_model(directory: Path) -> tuple[AstromodalTransformer, Tokenizers, Any]
     """(model with loaded weights, its tokenisers, run config) of an astromodal checkpoint."""
     from fmb.models.astromodal.trainer import AstromodalConfig
 
-    directory = checkpoint_dir(directory)
+    directory = ckpt.find_checkpoint(Path(directory))
     ckpt.check_family(directory, "astromodal")
     layers = ConfigLayers()
     layers.add(read_yaml(directory / ckpt.CONFIG_FILE), str(directory / ckpt.CONFIG_FILE))
