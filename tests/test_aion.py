@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmb import cli
 from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, open_split
 from fmb.data.synth import euclid_desi as synth
 from fmb.errors import CheckpointError, ConfigError, DataError
@@ -30,6 +28,7 @@ from fmb.models.aion.model import (
 from fmb.models.aion.samples import band_errors
 from fmb.models.aion.weights import build_codec, load_codec, save_codec
 from fmb.train.checkpoint import find_checkpoint
+from tests.cli_runner import run_cli
 
 TINY = CodecConfig(quantizer_levels=[7, 5, 5, 5, 5], hidden_dims=8, num_consecutive=1)
 
@@ -283,16 +282,9 @@ def test_band_errors():
 # ----------------------------------------------------------------------------- training, embeddings, CLI
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["fmb", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    return info.value.code, capsys.readouterr().err
-
-
 def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     run = tmp_path / "run"
-    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "16",
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "16",
                         "--no-progress", "--set", "data.synthetic=24", "--set", "train.batch_size=4",
                         "--set", "train.eval_every=16", "--set", "model.codec.shape.hidden_dims=8",
                         "--set", "data.sample_grid=2", "--set", "train.optim.lr=1e-2")
@@ -310,7 +302,7 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     assert adapters and all(k.startswith(("euclid_to_hsc.", "hsc_to_euclid.")) for k in adapters)
 
     # resume restores adapters and codec strictly and continues
-    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "18",
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "18",
                         "--resume", "--no-progress", "--set", "data.synthetic=24", "--set", "train.batch_size=4",
                         "--set", "train.eval_every=16", "--set", "model.codec.shape.hidden_dims=8",
                         "--set", "data.sample_grid=2", "--set", "train.optim.lr=1e-2")
@@ -319,7 +311,7 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 18
 
     out = tmp_path / "emb.parquet"
-    code, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"), "--split", "test", "--batch-size", "4")
     assert code == 0, err
     table = pq.read_table(out)
@@ -332,7 +324,7 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
 
     # codec fine-tune mode: only the decoder moves
     tuned = tmp_path / "tuned"
-    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tuned), "--max-steps", "2",
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tuned), "--max-steps", "2",
                         "--no-progress", "--set", f"data.path={run / 'data'}", "--set", "train.batch_size=4",
                         "--set", f"model.init_from={run}", "--set", "model.codec.train=decoder",
                         "--set", "model.gradient=full", "--set", "model.freeze_adapters=true",
@@ -347,10 +339,10 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
 
 
 def test_config_errors(monkeypatch, capsys, tmp_path):
-    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r"),
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r"),
                         "--set", "model.codec.train=decoder")
     assert code == 2 and "needs model.gradient=full" in err
-    code, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r2"),
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r2"),
                         "--set", "model.codec.random_init=false", "--set", "data.synthetic=4")
     assert code == 2 and "aion_codec" in err
 

@@ -21,7 +21,7 @@ from fmb.models.astrom3.convert import convert
 from fmb.models.astrom3.model import AstroM3, AstroM3ModelConfig
 from fmb.models.astrom3.trainer import AstroM3Config, AstroM3Trainer
 from fmb.train import checkpoint as ckpt
-from tests.test_cli import run
+from tests.cli_runner import run_cli as run
 
 TINY = ["model.embed_dim=16", "model.seq_len=32", "model.d_model=16", "model.n_heads=2", "model.n_layers=1",
         "model.d_ff=32", "model.factor=2", "model.conv_channels=[4,4,4,4]", "model.m_hidden=16",

@@ -15,7 +15,7 @@ from fmb.models.astromodal.data import TokenShards
 from fmb.models.astromodal.embed import load_model
 from fmb.models.astromodal.trainer import AstromodalConfig, AstromodalTrainer
 from fmb.train import checkpoint as ckpt
-from tests.test_cli import run as run_cli
+from tests.cli_runner import run_cli
 
 TINY_TOKENIZERS = ["scalar_bins=16", "spectrum_codebook=8", "desi_rebin=128", "image_codebook=16",
                    "image_downsample=4", "image_hidden=4", "image_epochs=1", "kmeans_steps=10",

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import pickle
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmb import cli
 from fmb.data.euclid_desi import clean_spectrum, inverse_variance, open_split
 from fmb.data.images import decode_image, encode_png
 from fmb.data.synth import euclid_desi as synth
@@ -24,6 +22,7 @@ from fmb.models.astropt.convert import convert, map_key
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches, image_patches, spectrum_patches
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
 from fmb.models.astropt.trainer import AstroPTModelConfig, build_astropt, model_shape
+from tests.cli_runner import run_cli
 
 IMAGES = Modality("images", 16 * 16 * 3, 16)
 SPECTRA = Modality("spectra", 10, 10)
@@ -357,16 +356,9 @@ def test_parity_with_upstream_astropt(tmp_path, modalities, tokeniser):
 # ----------------------------------------------------------------------------- run, embed, CLI
 
 
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["fmb", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    return info.value.code, capsys.readouterr().err
-
-
 def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     run = tmp_path / "run"
-    code, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "12",
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "12",
                         "--no-progress", "--set", "data.synthetic=48", "--set", "data.image_size=32",
                         "--set", "train.eval_every=12", "--set", "train.num_workers=0", "--set", "model.n_layer=2")
     assert code == 0, err
@@ -376,7 +368,7 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     assert any("tokens_per_s" in r for r in records)
 
     out = tmp_path / "emb.parquet"
-    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--batch-size", "8")
     assert code == 0, err
     table = pq.read_table(out)
@@ -387,15 +379,15 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     assert table.column("embedding_images").type.value_type == pa.float32()
 
     baseline = tmp_path / "random.parquet"
-    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(baseline),
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(baseline),
                         "--random-init")
     assert code == 0, err
     random_joint = np.stack(pq.read_table(baseline).column("embedding_joint").to_numpy(zero_copy_only=False))
     assert random_joint.shape == joint.shape and not np.allclose(random_joint, joint)
-    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"))
     assert code == 2 and "choose one with --split" in err
-    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"), "--split", "test")
     assert code == 0, err
     spectra = pq.read_table(out).column("embedding_spectra")
@@ -409,5 +401,5 @@ def test_checkpoint_of_another_family_is_refused(tmp_path, monkeypatch, capsys):
     (directory / "meta.json").write_text(json.dumps({"family": "astroclip", "step": 1}))
     (directory / "config.yaml").write_text("train: {}\n")
     (directory / "model.safetensors").write_bytes(b"")
-    code, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(directory), "--out", str(tmp_path / "e.parquet"))
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(directory), "--out", str(tmp_path / "e.parquet"))
     assert code == 1 and "checkpoint of the 'astroclip' family, not 'astropt'" in err

@@ -11,19 +11,12 @@ import yaml
 from fmb import cli
 from fmb.models import register_family
 from tests import toy
+from tests.cli_runner import run_cli as run
 
 
 @pytest.fixture(autouse=True)
 def _toy_family():
     register_family(toy.FAMILY)
-
-
-def run(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["fmb", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code, out.out, out.err
 
 
 def test_help_is_fast_and_does_not_import_torch():
