@@ -77,10 +77,11 @@ def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k:
     train_t = F.normalize(torch.from_numpy(train_x).float(), dim=1)
     test_t = F.normalize(torch.from_numpy(test_x).float(), dim=1)
     k = min(k, len(train_t))
-    labels, y_t = None, torch.from_numpy(train_y)
-    if classify:
+    if classify:  # labels may be strings: vote over their codes
         labels, codes = np.unique(train_y, return_inverse=True)
         y_t = torch.from_numpy(codes)
+    else:
+        y_t = torch.from_numpy(np.asarray(train_y, dtype=np.float64))
     out = []
     for start in range(0, len(test_t), chunk):
         sims = test_t[start : start + chunk] @ train_t.T
