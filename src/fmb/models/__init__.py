@@ -35,6 +35,8 @@ class Family:
 # name -> ("module:attribute", one-line summary)
 BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
     "astropt": ("fmb.models.astropt:FAMILY", "multimodal patch-GPT on Euclid images + DESI spectra"),
+    "astroclip": ("fmb.models.astroclip:FAMILY", "contrastive image (ViT) / spectrum (SpecFormer) alignment, AstroCLIP"),
+    "specformer": ("fmb.models.astroclip:SPECFORMER", "SpecFormer masked-modelling pre-training on DESI spectra"),
 }
 
 _registered: dict[str, Family] = {}

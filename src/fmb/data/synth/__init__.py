@@ -14,6 +14,7 @@ from fmb.errors import ConfigError
 # kind -> ("module:function", summary)
 SYNTH_KINDS: dict[str, tuple[str, str]] = {
     "euclid-desi": ("fmb.data.synth.euclid_desi:write", "Euclid VIS/NISP cutouts + RGB + DESI spectra (parquet)"),
+    "astroclip": ("fmb.data.synth.astroclip:write", "Legacy Survey g,r,z images + DESI spectra (AstroCLIP HDF5)"),
 }
 
 
