@@ -378,3 +378,149 @@ def test_specformer_pretraining_runs_and_feeds_alignment(tmp_path, h5_file):
     model = trainer.build_model()
     saved = ckpt.read_safetensors(ckpt.find_checkpoint(tmp_path / "spec") / ckpt.MODEL_FILE)
     assert torch.equal(model.spectrum_encoder.backbone.data_embed.weight, saved["data_embed.weight"])
+
+
+# ----------------------------------------------------------------------------- conversion and embeddings
+
+
+class Armed:
+    """Unpickling this would run a shell command: conversion must never do it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def upstream_vit(vit_state: dict, chunks: int) -> dict:
+    """fmb ViT keys -> DINOv2 keys with `chunks` block chunks (blocks.C.N.) and an iBOT mask token."""
+    depth = 1 + max(int(k.split(".")[1]) for k in vit_state if k.startswith("blocks."))
+    per_chunk = depth // chunks
+    out = {"mask_token": torch.zeros(1, vit_state["pos_embed"].shape[-1])}
+    for key, value in vit_state.items():
+        if key.startswith("blocks.") and chunks > 1:
+            index = int(key.split(".")[1])
+            key = f"blocks.{index // per_chunk}.{index}." + key.split(".", 2)[2]
+        out[key] = value.clone()
+    return out
+
+
+def upstream_specformer(state: dict) -> dict:
+    rules = [(".norm1.", ".layernorm1."), (".norm2.", ".layernorm2."), (".attn.qkv.", ".attention.attention."),
+             (".attn.proj.", ".attention.projection."), (".mlp.fc1.", ".mlp.encoder."), (".mlp.fc2.", ".mlp.decoder.")]
+    out = {}
+    for key, value in state.items():
+        for mine, theirs in rules:
+            key = key.replace(mine, theirs)
+        out[key] = value.clone()
+    return out
+
+
+def upstream_head(head: CrossAttentionHead) -> dict:
+    """A head's weights in the upstream layout, keyed through a real torch MultiheadAttention."""
+    dim, backbone_dim = head.q_proj.weight.shape[0], head.k_proj.weight.shape[1]
+    mha = torch.nn.MultiheadAttention(dim, head.heads, batch_first=True, kdim=backbone_dim, vdim=backbone_dim)
+    weights = torch.cat([head.q_proj.weight, head.k_proj.weight, head.v_proj.weight]) if dim == backbone_dim else None
+    mha_state = {}
+    for key, value in mha.state_dict().items():
+        if key == "in_proj_weight":
+            value = weights
+        elif key.endswith("_proj_weight"):
+            value = getattr(head, f"{key[0]}_proj").weight
+        elif key == "in_proj_bias":
+            value = torch.cat([head.q_proj.bias, head.k_proj.bias, head.v_proj.bias])
+        else:
+            value = getattr(head.out_proj, key.split(".")[1])
+        mha_state[f"cross_attention.multihead_attn.{key}"] = value.detach().clone()
+    return {**mha_state, "cross_attention.query": head.query.detach().clone(),
+            "cross_attention.layernorm.weight": head.norm.weight.detach().clone(),
+            "cross_attention.layernorm.bias": head.norm.bias.detach().clone(),
+            "mlp.encoder.weight": head.mlp.fc1.weight.detach().clone(), "mlp.encoder.bias": head.mlp.fc1.bias.detach().clone(),
+            "mlp.decoder.weight": head.mlp.fc2.weight.detach().clone(), "mlp.decoder.bias": head.mlp.fc2.bias.detach().clone()}
+
+
+def test_convert_astroclip_lightning_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    from fmb.models.astroclip.convert import convert
+    from fmb.models.astroclip.embed import embed  # noqa: F401  (import check: family module loads)
+    from fmb.models.astroclip.trainer import build_astroclip
+
+    cfg = tiny_config(tmp_path, "unused", image_positions=False, embed_dim=64, learnable_scale=True).model
+    original = build_astroclip(cfg, 32).eval()
+    state = {f"image_encoder.backbone.{k}": v for k, v in upstream_vit(original.image_encoder.backbone.state_dict(), 2).items()}
+    state.update({f"spectrum_encoder.backbone.{k}": v
+                  for k, v in upstream_specformer(original.spectrum_encoder.backbone.state_dict()).items()})
+    for encoder in ("image_encoder", "spectrum_encoder"):
+        state.update({f"{encoder}.{k}": v for k, v in upstream_head(getattr(original, encoder).head).items()})
+    state["logit_scale"] = original.log_scale.detach().clone()
+    marker = tmp_path / "pwned"
+    src = tmp_path / "astroclip.ckpt"
+    torch.save({"state_dict": state, "epoch": 7, "hyper_parameters": {"image_encoder": Armed(str(marker))}}, src)
+    out = convert(src, tmp_path / "converted")
+    assert not marker.exists()
+    assert '"family": "astroclip"' in (out / "meta.json").read_text()
+    converted = build_astroclip(cfg, 32)
+    ckpt.load_state_strict(converted, ckpt.read_safetensors(out / "model.safetensors"), "converted")
+    converted.eval()
+    images, spectra = torch.rand(2, 3, 32, 32), torch.randn(2, 7781)
+    for a, b in zip(original(images, spectra), converted(images, spectra), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    # A missing key is reported by name.
+    del state["spectrum_encoder.cross_attention.layernorm.bias"]
+    torch.save({"state_dict": state}, src)
+    with pytest.raises(CheckpointError, match=r"missing keys: spectrum_encoder\.head\.norm\.bias"):
+        convert(src, tmp_path / "broken")
+
+
+def test_convert_astrodino_and_specformer_then_initialise(tmp_path, h5_file):
+    from fmb.models.astroclip.convert import convert
+
+    torch.manual_seed(1)
+    vit = ViT(ViTShape(width=64, depth=2, heads=4, patch_size=8, image_size=32))
+    teacher = {f"backbone.{k}": v for k, v in upstream_vit(vit.state_dict(), 2).items()}
+    teacher["dino_head.mlp.0.weight"] = torch.zeros(4, 64)
+    torch.save({"teacher": teacher}, tmp_path / "astrodino.pth")
+    image_dir = convert(tmp_path / "astrodino.pth", tmp_path / "astrodino")
+
+    spec = SpecFormer(SpecFormerShape(width=64, depth=2, heads=4, slice_length=80, slice_stride=40))
+    torch.save({"state_dict": upstream_specformer(spec.state_dict()),
+                "hyper_parameters": {"input_dim": 82, "embed_dim": 64, "num_layers": 2, "num_heads": 4, "max_len": 800,
+                                     "slice_section_length": 80, "slice_overlap": 40}}, tmp_path / "specformer.ckpt")
+    spec_dir = convert(tmp_path / "specformer.ckpt", tmp_path / "specformer")
+    assert '"family": "specformer"' in (spec_dir / "meta.json").read_text()
+
+    cfg = tiny_config(tmp_path / "run", h5_file, image_init_from=str(image_dir), spectrum_init_from=str(spec_dir),
+                      finetune="heads")
+    model = AstroCLIPTrainer(cfg).build_model()
+    assert torch.equal(model.image_encoder.backbone.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
+    assert torch.equal(model.spectrum_encoder.backbone.blocks[0].mlp.fc2.weight, spec.blocks[0].mlp.fc2.weight)
+    with pytest.raises(CheckpointError, match="holds image_backbone, not a whole model"):
+        AstroCLIPTrainer(tiny_config(tmp_path / "run2", h5_file, init_from=str(image_dir))).build_model()
+    torch.save({"state_dict": {"encoder.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="is none of AstroCLIP"):
+        convert(tmp_path / "other.ckpt", tmp_path / "other")
+
+
+def test_embed_and_cli_round_trip(tmp_path, h5_file):
+    import pyarrow.parquet as pq
+
+    from fmb import cli
+
+    run = tmp_path / "run"
+    cfg = tiny_config(run, h5_file)
+    AstroCLIPTrainer(cfg).fit()
+    out = tmp_path / "emb.parquet"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.app(["embed", "astroclip", "--checkpoint", str(run), "--out", str(out), "--device", "cpu",
+                 "--batch-size", "10"], standalone_mode=True)
+    assert exit_info.value.code == 0
+    table = pq.read_table(out)
+    assert table.num_rows == 24  # the validation part (last 20%) of the 120 objects
+    assert {"object_id", "targetid", "redshift", "embedding_image", "embedding_spectrum", "embedding_joint"} <= set(table.column_names)
+    image = np.stack(table.column("embedding_image").to_numpy(zero_copy_only=False))
+    assert image.shape == (24, 32) and np.allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
+    with h5py.File(h5_file) as handle:
+        assert np.allclose(table.column("redshift").to_numpy(), handle["0/redshift"][96:])
