@@ -524,3 +524,34 @@ def test_embed_and_cli_round_trip(tmp_path, h5_file):
     assert image.shape == (24, 32) and np.allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
     with h5py.File(h5_file) as handle:
         assert np.allclose(table.column("redshift").to_numpy(), handle["0/redshift"][96:])
+
+
+def test_validation_under_two_gloo_ranks_matches_one_process(tmp_path, h5_file):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.astroclip_ddp_worker import run_config
+    from tests.test_ddp import ROOT, free_port
+
+    def first_validation(out):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if "val/n_pairs" in x][0]  # step 0: identical weights
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "LOCAL_RANK"))}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}:{ROOT}",
+                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.astroclip_ddp_worker", str(tmp_path / "ddp"), str(h5_file)],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    AstroCLIPTrainer(run_config(tmp_path / "single", h5_file)).fit()  # meanwhile, one process
+    for proc in procs:
+        output, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, output
+    ddp, single = first_validation(tmp_path / "ddp"), first_validation(tmp_path / "single")
+    # 24 validation objects split 12 / 12 over the ranks, in batches of 5: all gathered.
+    assert ddp["val/n_pairs"] == single["val/n_pairs"] == 24
+    for key in ("img2spec_top1", "img2spec_top5", "spec2img_top1", "spec2img_top5"):
+        assert ddp[f"val/{key}"] == pytest.approx(single[f"val/{key}"], abs=1e-9), key
