@@ -190,6 +190,9 @@ def test_masked_clip_loss_is_the_loss_of_the_valid_pairs():
 def test_learnable_scale_is_exp_of_log_scale_clamped():
     model = AstroCLIP(TINY_VIT, TINY_SPEC, embed_dim=16, logit_scale=15.5, learnable_scale=True)
     assert torch.isclose(model.scale(), torch.tensor(15.5))
+    gen = torch.Generator().manual_seed(0)
+    clip_loss(torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen), model.scale()).backward()
+    assert model.log_scale.grad is not None and model.log_scale.grad.abs() > 0  # trained through exp()
     with torch.no_grad():
         model.log_scale.fill_(math.log(500.0))
     assert model.scale().item() == 100.0

@@ -335,19 +335,18 @@ class AstroCLIP(nn.Module):
         super().__init__()
         self.image_encoder = ImageEncoder(ViT(image), embed_dim, head_heads, head_dropout, image_positions)
         self.spectrum_encoder = SpectrumEncoder(SpecFormer(spectrum), embed_dim, head_heads, head_dropout)
-        self.fixed_scale = None if learnable_scale else float(logit_scale)
+        self.learnable_scale = learnable_scale
         if learnable_scale:
             self.log_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        else:  # a buffer so that it follows the model's device; not saved (it is configuration)
+            self.register_buffer("fixed_scale", torch.tensor(float(logit_scale)), persistent=False)
 
     def scale(self) -> torch.Tensor:
-        if self.fixed_scale is not None:
-            return torch.tensor(self.fixed_scale)
-        return self.log_scale.exp().clamp(max=100.0)
+        return self.log_scale.exp().clamp(max=100.0) if self.learnable_scale else self.fixed_scale
 
     def forward(self, images: torch.Tensor, spectra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image embeddings, spectrum embeddings, logit scale); embeddings not yet normalised."""
-        scale = self.scale().to(images.device)
-        return self.image_encoder(images), self.spectrum_encoder(spectra), scale
+        return self.image_encoder(images), self.spectrum_encoder(spectra), self.scale()
 
 
 def clip_logits(image: torch.Tensor, spectrum: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

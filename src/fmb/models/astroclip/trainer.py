@@ -267,6 +267,10 @@ class AstroCLIPTrainer(_DataMixin, BaseTrainer):
         if cfg.spectrum_init_from:
             load_weights(model.spectrum_encoder.backbone, cfg.spectrum_init_from, SPECFORMER_FAMILY)
             log.info(f"spectrum backbone from {cfg.spectrum_init_from}")
+        if cfg.finetune != "full" and not (cfg.init_from or (cfg.image_init_from and cfg.spectrum_init_from)):
+            log.warning(f"model.finetune={cfg.finetune} keeps backbones frozen, but they were not loaded "
+                        "(model.init_from, or model.image_init_from and model.spectrum_init_from): "
+                        "their weights are random")
         apply_finetune(model, cfg)
         return model
 
