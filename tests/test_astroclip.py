@@ -558,3 +558,20 @@ def test_validation_under_two_gloo_ranks_matches_one_process(tmp_path, h5_file):
     assert ddp["val/n_pairs"] == single["val/n_pairs"] == 24
     for key in ("img2spec_top1", "img2spec_top5", "spec2img_top1", "spec2img_top5"):
         assert ddp[f"val/{key}"] == pytest.approx(single[f"val/{key}"], abs=1e-9), key
+
+
+@pytest.mark.parametrize("model", ["astroclip", "specformer"])
+def test_recipes_and_demo_overlays_resolve(model, tmp_path):
+    from fmb.models import get_family
+    from fmb.recipes import RunRequest, load_run_config
+
+    paths = tmp_path / "paths_local.yaml"
+    paths.write_text("runs: runs\nastroclip_h5: /data/astroclip.h5\nastrodino_backbone: /w/a\nspecformer_backbone: /w/s\n")
+    trainer = get_family(model).trainer
+    published, _ = load_run_config(RunRequest(model, [], [], {}, paths=str(paths)), trainer.config_cls)
+    demo, _ = load_run_config(RunRequest(model, [], [], {}, demo=True, paths=str(paths)), trainer.config_cls)
+    assert published.data.path == "/data/astroclip.h5" and published.train.optim.lr in (1e-4, 1e-5)
+    assert demo.data.path is None and demo.data.synthetic > 0 and demo.train.eval_at_start
+    if model == "astroclip":
+        assert published.model.finetune == "heads" and published.model.image_preset == "large"
+        assert demo.model.finetune == "full" and demo.model.image_init_from is None
