@@ -38,6 +38,8 @@ BUILTIN_FAMILIES: dict[str, tuple[str, str]] = {
     "astrom3": ("fmb.models.astrom3:FAMILY", "trimodal CLIP: light curves, spectra, metadata; variable-star classifiers"),
     "astromodal": ("fmb.models.astromodal:FAMILY", "S-PLUS token transformer: images, scalars, spectra"),
     "aion": ("fmb.models.aion:FAMILY", "Euclid <-> HSC adapters through the AION image codec"),
+    "astroclip": ("fmb.models.astroclip:FAMILY", "contrastive image (ViT) / spectrum (SpecFormer) alignment, AstroCLIP"),
+    "specformer": ("fmb.models.astroclip:SPECFORMER", "SpecFormer masked-modelling pre-training on DESI spectra"),
 }
 
 _registered: dict[str, Family] = {}
