@@ -321,6 +321,13 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     assert table.column("embedding_image_encoder").type.list_size == 8
     values = np.stack(table.column("embedding_image").to_numpy(zero_copy_only=False))
     assert np.isfinite(values).all() and values.std(axis=0).max() > 0
+    assert {"redshift", "truth_type"} <= set(table.column_names)  # targets carried for fmb evaluate
+    baseline = tmp_path / "random.parquet"
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(baseline),
+                           "--data", str(run / "data"), "--split", "test", "--batch-size", "4", "--random-init")
+    assert code == 0, err
+    random_values = np.stack(pq.read_table(baseline).column("embedding_image").to_numpy(zero_copy_only=False))
+    assert random_values.shape == values.shape and not np.allclose(random_values, values)
 
     # codec fine-tune mode: only the decoder moves
     tuned = tmp_path / "tuned"

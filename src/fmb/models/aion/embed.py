@@ -17,17 +17,19 @@ from tqdm import tqdm
 
 from fmb.data.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter
-from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands
-from fmb.models.aion.model import HSC_BANDS
-from fmb.models.aion.trainer import load_checkpoint_model
+from fmb.models.aion.model import HSC_BANDS, AionImageCodec
+from fmb.models.aion.trainer import build_adapters, load_checkpoint_model
 from fmb.train.distributed import resolve_device
 
 
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
     model, config, directory = load_checkpoint_model(checkpoint, options.get("set", []))
-    if options.get("random_init"):
-        raise ConfigError("aion embed has no --random-init baseline yet (the codec is pretrained; only the adapters train)")
+    if options.get("random_init"):  # baseline: untrained adapters around the same (pretrained) codec
+        torch.manual_seed(config.train.seed)
+        fresh = build_adapters(config.model, AionImageCodec(config.model.codec.shape))
+        fresh.codec.load_state_dict(model.codec.state_dict())
+        model = fresh
     device = resolve_device(options.get("device", "auto"), 0)
     model.to(device).eval()
     rows, targets = embedding_rows(data, options.get("split"), COLUMNS, config.data, config.train.seed)
