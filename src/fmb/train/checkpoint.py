@@ -102,6 +102,21 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return state
 
 
+def write_converted(out: Path, family: str, model: nn.Module, config: Any, step: int = 0, **meta: Any) -> Path:
+    """An fmb checkpoint directory from converted upstream weights: model.safetensors, config.yaml
+    and meta.json (no trainer state: it starts runs via model.init_from, it does not resume them)."""
+    from fmb import __version__
+    from fmb.config import to_yaml
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), out / MODEL_FILE, {"fmb_family": family, "step": str(step)})
+    (out / CONFIG_FILE).write_text(to_yaml(config))
+    record = {"family": family, "step": step, "fmb_version": __version__, **meta}
+    (out / META_FILE).write_text(json.dumps(record, indent=1))
+    return out
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
     if not path.is_file():

@@ -27,7 +27,6 @@ packages is needed.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import types
@@ -37,8 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmb import __version__
-from fmb.config import to_yaml
 from fmb.errors import CheckpointError
 from fmb.models.astroclip.model import SPECFORMER_PRESETS, VIT_PRESETS, ViT, ViTShape
 from fmb.models.astroclip.trainer import (
@@ -225,12 +222,7 @@ def specformer_config(state: dict[str, torch.Tensor], hparams: Any, path: Path) 
 
 
 def _write(model: nn.Module, out: Path, family: str, config: Any, meta: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_safetensors(model.state_dict(), out / ckpt.MODEL_FILE, {"fmb_family": family, "step": "0"})
-    (out / ckpt.CONFIG_FILE).write_text(to_yaml(config))
-    (out / ckpt.META_FILE).write_text(json.dumps({"family": family, "step": 0, "fmb_version": __version__, **meta},
-                                                 indent=1))
-    return out
+    return ckpt.write_converted(out, family, model, config, **meta)
 
 
 def convert(src: Path, out: Path) -> Path:

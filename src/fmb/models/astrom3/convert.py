@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-from fmb import __version__
-from fmb.config import to_yaml
 from fmb.errors import CheckpointError
 from fmb.models.astrom3.data import CLASSES
 from fmb.models.astrom3.model import AstroM3, AstroM3ModelConfig, sinusoidal_positions
@@ -141,11 +139,5 @@ def convert(src: Path, out_dir: Path) -> Path:
         raise CheckpointError(f"upstream classifier has {num_classes} classes; fmb's AstroM3 sample has {len(CLASSES)}")
     model = AstroM3(cfg.model, num_classes=num_classes)
     ckpt.load_state_strict(model, map_state(state, model), f"{src} (mapped to fmb keys)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.save_safetensors(model.state_dict(), out_dir / ckpt.MODEL_FILE, {"fmb_family": "astrom3", "step": "0"})
-    (out_dir / ckpt.CONFIG_FILE).write_text(to_yaml(cfg))
-    meta = {"family": "astrom3", "step": 0, "fmb_version": __version__, "converted_from": str(src),
-            "note": "upstream inputs were pre-standardised: metadata statistics set to mean 0, std 1"}
-    (out_dir / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
-    return out_dir
+    return ckpt.write_converted(Path(out_dir), "astrom3", model, cfg, converted_from=str(src),
+                                note="upstream inputs were pre-standardised: metadata statistics set to mean 0, std 1")

@@ -10,7 +10,6 @@ with or without `module.` / `_orig_mod.` prefixes.
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 from pathlib import Path
@@ -19,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from fmb import __version__
-from fmb.config import to_yaml
 from fmb.errors import CheckpointError
 from fmb.models.astropt.model import Modality
 from fmb.models.astropt.trainer import FAMILY, AstroPTConfig, AstroPTModelConfig, build_astropt
@@ -125,13 +122,7 @@ def convert(src: Path, out: Path) -> Path:
     )
     model = build_astropt(model_cfg)
     ckpt.load_state_strict(model, state, str(src))
-    config = AstroPTConfig(model=model_cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    step = int(raw.get("iter_num", 0) or 0)
-    ckpt.save_safetensors(model.state_dict(), out / ckpt.MODEL_FILE, {"fmb_family": FAMILY, "step": str(step)})
-    (out / ckpt.CONFIG_FILE).write_text(to_yaml(config))
-    meta = {"family": FAMILY, "step": step, "fmb_version": __version__, "converted_from": str(src),
-            "upstream_layout": "2.x" if any(k.startswith("transformer.wte.") for k in map(ckpt.clean_key, raw["model"])) else "3.x",
-            "best_val_loss": float(raw["best_val_loss"]) if raw.get("best_val_loss") is not None else None}
-    (out / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
-    return out
+    layout = "2.x" if any(ckpt.clean_key(k).startswith("transformer.wte.") for k in raw["model"]) else "3.x"
+    best = float(raw["best_val_loss"]) if raw.get("best_val_loss") is not None else None
+    return ckpt.write_converted(out, FAMILY, model, AstroPTConfig(model=model_cfg), int(raw.get("iter_num", 0) or 0),
+                                converted_from=str(src), upstream_layout=layout, best_val_loss=best)
