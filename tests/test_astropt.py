@@ -22,6 +22,7 @@ from fmb.models.astropt.convert import convert, map_key
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches, image_patches, spectrum_patches
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
 from fmb.models.astropt.trainer import AstroPTModelConfig, build_astropt, model_shape
+from fmb.train import checkpoint as ckpt
 from tests.cli_runner import run_cli
 
 IMAGES = Modality("images", 16 * 16 * 3, 16)
@@ -403,3 +404,25 @@ def test_checkpoint_of_another_family_is_refused(tmp_path, monkeypatch, capsys):
     (directory / "model.safetensors").write_bytes(b"")
     code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(directory), "--out", str(tmp_path / "e.parquet"))
     assert code == 1 and "checkpoint of the 'astroclip' family, not 'astropt'" in err
+
+
+def test_fine_tune_from_a_converted_upstream_checkpoint(monkeypatch, capsys, tmp_path):
+    upstream_checkpoint(tmp_path / "up.pt", [IMAGES, SPECTRA])
+    converted = convert(tmp_path / "up.pt", tmp_path / "conv")
+    run = tmp_path / "run"
+    modalities = "[{name: images, input_size: 768, patch_size: 16}, {name: spectra, input_size: 10, patch_size: 10}]"
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "2",
+                           "--no-progress", "--set", "data.synthetic=24", "--set", "data.image_size=32",
+                           "--set", "data.spectrum_length=100", "--set", "model.preset=null", "--set", "model.n_layer=2",
+                           "--set", "model.n_head=2", "--set", "model.n_embd=32", "--set", "model.block_size=128",
+                           "--set", f"model.modalities={modalities}", "--set", f"model.init_from={converted}",
+                           "--set", "train.num_workers=0", "--set", "train.optim.lr=1e-12")
+    assert code == 0, err
+    assert "initialised from" in (run / "train.log").read_text()
+    start = ckpt.read_safetensors(converted / ckpt.MODEL_FILE)
+    after = ckpt.read_safetensors(ckpt.latest_checkpoint(run) / ckpt.MODEL_FILE)
+    for key in start:  # a vanishing learning rate: the run starts from (and stays at) the upstream weights
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=1e-6)
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(tmp_path / "bad"),
+                           "--max-steps", "1", "--no-progress", "--set", f"model.init_from={converted}")
+    assert code == 1 and "does not fit the model" in err  # the demo's 001M preset is another shape
