@@ -175,3 +175,31 @@ def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as info:
         cli.main()
     assert info.value.code == 0 and (tmp_path / "an.csv").read_text().startswith('"object_id"')
+
+
+def test_pca_recovers_a_planted_plane():
+    from fmb.evaluation.probes import pca_2d
+
+    rng = np.random.default_rng(0)
+    plane = rng.standard_normal((200, 2)) * [5.0, 3.0]
+    x = np.concatenate([plane, 0.01 * rng.standard_normal((200, 6))], axis=1) @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
+    xy = pca_2d(x)
+    assert abs(np.corrcoef(xy[:, 0], plane[:, 0])[0, 1]) > 0.99  # the wider axis first (sign is arbitrary)
+    assert abs(np.corrcoef(xy[:, 1], plane[:, 1])[0, 1]) > 0.99
+
+
+def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
+    x, z, labels = planted(n=120)
+    path = write_file(tmp_path / "m.parquet", np.arange(120), {"images": x, "spectra": x + 0.01}, redshift=z,
+                      klass=labels.astype(str))
+    monkeypatch.setattr(sys, "argv", ["fmb", "evaluate", str(path), "--target", "redshift", "--target", "klass",
+                                      "--out", str(tmp_path / "ev"), "--folds", "3", "--fractions", "0.1,1.0",
+                                      "--probes", "knn,linear", "--plots"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 0, capsys.readouterr().err
+    written = {p.name for p in (tmp_path / "ev" / "plots").glob("*.png")}
+    assert {"m__images__redshift__pca.png", "m__images__redshift__few_shot.png", "m__images__klass__pca.png",
+            "m__images__to__spectra__retrieval.png"} <= written
+    assert any(name.startswith("m__images__redshift__") and name.endswith("_scatter.png") for name in written)
+    assert all((tmp_path / "ev" / "plots" / n).read_bytes().startswith(b"\x89PNG") for n in written)

@@ -285,13 +285,15 @@ def evaluate(
     k: Annotated[int, typer.Option(help="Neighbours of the kNN probe.")] = 64,
     fractions: Annotated[str, typer.Option(help="Label fractions for few-shot curves, comma-separated.")] = "0.01,0.1,1.0",
     probes: Annotated[str, typer.Option(help="Probes, comma-separated: knn, linear, mlp.")] = "knn,linear,mlp",
+    plots: Annotated[bool, typer.Option("--plots", help="Also write figures to OUT/plots (needs the plots extra).")] = False,
 ) -> None:
     """Score what embeddings know: kNN / linear / MLP probes (k-fold), retrieval, few-shot, vs baselines."""
     from fmb.evaluation.run import evaluate as run_evaluate
     from fmb.evaluation.run import markdown_table, write_tables
 
     rows = run_evaluate([str(p) for p in embeddings], target, [str(p) for p in baseline or []] or None, classify,
-                        folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")))
+                        folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")),
+                        plot_dir=out / "plots" if plots else None)
     csv_path, md_path = write_tables(rows, out)
     typer.echo(markdown_table(rows), nl=False)
     typer.echo(f"wrote {csv_path} and {md_path}")

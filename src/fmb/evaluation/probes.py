@@ -163,6 +163,7 @@ class ProbeResult:
     probe: str
     fraction: float
     metrics: dict[str, float]
+    predictions: np.ndarray  # out-of-fold, one per row
 
 
 def cross_validate(x: np.ndarray, y: np.ndarray, classify: bool, target: str, folds: int = 5,
@@ -186,7 +187,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, classify: bool, target: str, fo
                 else:
                     pred[test] = mlp_predict(x[train], y[train], x[test], classify=classify,
                                              linear=probe == "linear", seed=seed)
-            results.append(ProbeResult(probe, fraction, score(y, pred, classify, target)))
+            results.append(ProbeResult(probe, fraction, score(y, pred, classify, target), pred))
     return results
 
 
@@ -211,3 +212,10 @@ def retrieval_topk(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (1, 5), c
         for k in ks:
             hits[k] += int((rank < k).sum())
     return {f"top{k}": hits[k] / len(a_t) for k in ks}
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """The first two principal components of the rows of x (centred; SVD)."""
+    centred = x - x.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T

@@ -113,8 +113,9 @@ def _missing(values: np.ndarray) -> np.ndarray:
 
 def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None = None, classify: list[str] | None = None,
              folds: int = 5, k: int = 64, fractions: tuple[float, ...] = (0.01, 0.1, 1.0),
-             probes: tuple[str, ...] = ("knn", "linear", "mlp"), seed: int = 0) -> list[dict]:
-    """One row per (model, embedding, target, probe, label fraction, metric), plus retrieval rows."""
+             probes: tuple[str, ...] = ("knn", "linear", "mlp"), seed: int = 0, plot_dir: Path | None = None) -> list[dict]:
+    """One row per (model, embedding, target, probe, label fraction, metric), plus retrieval rows.
+    With `plot_dir`, figures too (see fmb.evaluation.plots)."""
     if baselines and len(baselines) != len(paths):
         raise ConfigError(f"--baseline given {len(baselines)} times for {len(paths)} embedding files: give one per file")
     files = align([load_embeddings(p) for p in paths] + [load_embeddings(p) for p in baselines or []])
@@ -140,17 +141,36 @@ def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None =
                 results = cross_validate(x_all[keep], y, task_classify, target, folds, fractions, k, seed, probes)
                 base_results = (cross_validate(base.embeddings[column][keep], y, task_classify, target, folds, fractions, k, seed, probes)
                                 if base is not None else [None] * len(results))
+                added = []
                 for res, base_res in zip(results, base_results, strict=True):
                     for metric, value in res.metrics.items():
-                        rows.append({"model": model.name, "embedding": column, "target": target, "probe": res.probe,
-                                     "labels": res.fraction, "metric": metric, "value": value,
-                                     "baseline": base_res.metrics[metric] if base_res else None,
-                                     "n": int(keep.sum()), "excluded": excluded})
-        rows += _retrieval_rows(model, base)
+                        added.append({"model": model.name, "embedding": column, "target": target, "probe": res.probe,
+                                      "labels": res.fraction, "metric": metric, "value": value,
+                                      "baseline": base_res.metrics[metric] if base_res else None,
+                                      "n": int(keep.sum()), "excluded": excluded})
+                rows += added
+                if plot_dir is not None:
+                    _plot_target(plot_dir, model.name, column, target, x_all[keep], y, results, added, task_classify)
+        rows += _retrieval_rows(model, base, plot_dir)
     return rows
 
 
-def _retrieval_rows(model: EmbeddingFile, base: EmbeddingFile | None) -> list[dict]:
+def _plot_target(plot_dir: Path, model: str, column: str, target: str, x: np.ndarray, y: np.ndarray,
+                 results: list, rows: list[dict], classify: bool) -> None:
+    from fmb.evaluation import plots
+
+    stem = f"{model}__{column}__{target}"
+    plots.projection(x, y, f"{model} {column}: PCA by {target}", plot_dir / f"{stem}__pca.png")
+    metric = "accuracy" if classify else "r2"
+    if len({r["labels"] for r in rows}) > 1:
+        plots.few_shot(rows, metric, f"{model} {column}: {target}", plot_dir / f"{stem}__few_shot.png")
+    if not classify:
+        best = max((r for r in results if r.fraction == max(x.fraction for x in results)), key=lambda r: r.metrics["r2"])
+        plots.prediction_scatter(y, best.predictions, f"{model} {column}: {target} ({best.probe})",
+                                 plot_dir / f"{stem}__{best.probe}_scatter.png")
+
+
+def _retrieval_rows(model: EmbeddingFile, base: EmbeddingFile | None, plot_dir: Path | None = None) -> list[dict]:
     rows = []
     modalities = [c for c in model.embeddings if c != "joint"]
     for a, b in itertools.permutations(modalities, 2):
@@ -158,6 +178,11 @@ def _retrieval_rows(model: EmbeddingFile, base: EmbeddingFile | None) -> list[di
         if keep.sum() < 2 or model.embeddings[a].shape[1] != model.embeddings[b].shape[1]:
             continue  # retrieval needs a shared space of one width
         scores = retrieval_topk(model.embeddings[a][keep], model.embeddings[b][keep])
+        if plot_dir is not None:
+            from fmb.evaluation import plots
+
+            plots.retrieval_curve(model.embeddings[a][keep], model.embeddings[b][keep], f"{model.name}: {a} -> {b}",
+                                  plot_dir / f"{model.name}__{a}__to__{b}__retrieval.png")
         base_scores = retrieval_topk(base.embeddings[a][keep], base.embeddings[b][keep]) if base is not None else {}
         for metric, value in scores.items():
             rows.append({"model": model.name, "embedding": f"{a}->{b}", "target": "retrieval", "probe": "cosine",
