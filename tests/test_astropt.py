@@ -21,7 +21,7 @@ from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.models.astropt.convert import convert, map_key
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches, image_patches, spectrum_patches
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
-from fmb.models.astropt.trainer import AstroPTModelConfig, build_astropt, model_shape
+from fmb.models.astropt.trainer import AstroPTConfig, AstroPTModelConfig, build_astropt, model_shape
 from fmb.train import checkpoint as ckpt
 from tests.cli_runner import run_cli
 
@@ -323,7 +323,7 @@ def test_parity_with_upstream_astropt(tmp_path, modalities, tokeniser):
 
     upstream = upstream_checkpoint(tmp_path / "up.pt", modalities, tokeniser=tokeniser)
     out = convert(tmp_path / "up.pt", tmp_path / "conv")
-    config = __import__("fmb.models.astropt.embed", fromlist=["x"]).load_run_config(out, [])
+    config = ckpt.read_config(out, AstroPTConfig)
     ours = build_astropt(config.model)
     load_into(ours, out)
     ours.eval()

@@ -117,6 +117,17 @@ def write_converted(out: Path, family: str, model: nn.Module, config: Any, step:
     return out
 
 
+def read_config(directory: Path, cls: type, sets: list[str] | tuple[str, ...] = ()) -> Any:
+    """A checkpoint's config.yaml as the family's config dataclass, with `--set` overrides on top."""
+    from fmb.config import ConfigLayers, build, parse_set_option
+
+    layers = ConfigLayers()
+    layers.add_file(Path(directory) / CONFIG_FILE)
+    for option in sets:
+        layers.set(*parse_set_option(option), source=f"--set {option}")
+    return build(cls, layers)
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
     if not path.is_file():

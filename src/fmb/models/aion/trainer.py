@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmb.config import ConfigLayers, build, parse_set_option
 from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, open_split
 from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
@@ -95,15 +94,6 @@ def build_adapters(cfg: AionModelConfig, codec: AionImageCodec) -> AionAdapters:
                         clamp_decoded=cfg.codec.clamp_decoded, latent_consistency=cfg.latent_weight > 0)
 
 
-def load_run_config(directory: Path, sets: list[str] | None = None) -> AionConfig:
-    """A checkpoint's run config, with `--set` overrides (e.g. data.fit for `fmb embed`)."""
-    layers = ConfigLayers()
-    layers.add_file(directory / ckpt.CONFIG_FILE)
-    for option in sets or []:
-        layers.set(*parse_set_option(option), source=f"--set {option}")
-    return build(AionConfig, layers)
-
-
 def checkpoint_dir(path: str | Path) -> Path:
     directory = ckpt.find_checkpoint(Path(path))
     ckpt.check_family(directory, FAMILY)
@@ -113,7 +103,7 @@ def checkpoint_dir(path: str | Path) -> Path:
 def load_checkpoint_model(checkpoint: str | Path, sets: list[str] | None = None) -> tuple[AionAdapters, AionConfig, Path]:
     """An aion checkpoint (step dir or run dir) -> its model (codec shape from its config), strictly loaded."""
     directory = checkpoint_dir(checkpoint)
-    config = load_run_config(directory, sets)
+    config = ckpt.read_config(directory, AionConfig, sets or [])
     model = build_adapters(config.model, AionImageCodec(config.model.codec.shape))
     ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
     return model, config, directory
@@ -150,7 +140,7 @@ class AionTrainer(BaseTrainer):
         if cfg.init_from:
             # Adapters and codec from an earlier aion run (e.g. to fine-tune the codec after the adapters).
             directory = checkpoint_dir(cfg.init_from)
-            cfg.codec.shape = load_run_config(directory).model.codec.shape
+            cfg.codec.shape = ckpt.read_config(directory, AionConfig).model.codec.shape
             model = build_adapters(cfg, AionImageCodec(cfg.codec.shape))
             ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
             log.info(f"initialised adapters and codec from {directory}")

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fmb.config import ConfigLayers, build, parse_set_option
 from fmb.data.euclid_desi import open_split
 from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.errors import ConfigError, DataError
@@ -47,11 +46,7 @@ def _dataset(config: AstroCLIPConfig, path: str, split: str, named: bool) -> tor
 
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
     directory = ckpt.find_checkpoint(Path(checkpoint))
-    layers = ConfigLayers()
-    layers.add_file(directory / ckpt.CONFIG_FILE)
-    for option in options.get("set", []):
-        layers.set(*parse_set_option(option), source=f"--set {option}")
-    config = build(AstroCLIPConfig, layers)
+    config = ckpt.read_config(directory, AstroCLIPConfig, options.get("set", []))
     torch.manual_seed(config.train.seed)
     model = build_astroclip(config.model, config.data.image_size)
     if not options.get("random_init"):

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fmb.config import ConfigLayers, build
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset, metadata_statistics
 from fmb.models.astrom3.model import CLIP_PAIRS, AstroM3, AstroM3ModelConfig, trimodal_clip_loss
@@ -47,9 +46,7 @@ class AstroM3Config(BaseTrainingConfig):
 
 def load_checkpoint_config(directory: Path) -> AstroM3Config:
     ckpt.check_family(directory, "astrom3")
-    layers = ConfigLayers()
-    layers.add_file(directory / ckpt.CONFIG_FILE)
-    return build(AstroM3Config, layers)
+    return ckpt.read_config(directory, AstroM3Config)
 
 
 def load_pretrained(model: AstroM3, source: str | Path) -> Path:

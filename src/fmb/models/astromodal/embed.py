@@ -12,7 +12,6 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from fmb.config import ConfigLayers, build, read_yaml
 from fmb.data.splits import holdout_mask
 from fmb.embeddings import EmbeddingWriter
 from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
@@ -36,9 +35,7 @@ def load_model(directory: Path) -> tuple[AstromodalTransformer, Tokenizers, Any]
 
     directory = ckpt.find_checkpoint(Path(directory))
     ckpt.check_family(directory, "astromodal")
-    layers = ConfigLayers()
-    layers.add(read_yaml(directory / ckpt.CONFIG_FILE), str(directory / ckpt.CONFIG_FILE))
-    config = build(AstromodalConfig, layers)
+    config = ckpt.read_config(directory, AstromodalConfig)
     toks = Tokenizers.load(tokenizer_dir(config, directory))
     model = AstromodalTransformer(config.model, toks.vocabulary(), toks.image.latent)
     ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))

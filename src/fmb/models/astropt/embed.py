@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fmb.config import ConfigLayers, build, parse_set_option
 from fmb.data.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
@@ -25,17 +24,9 @@ from fmb.train.distributed import resolve_device
 from fmb.train.loader import to_device
 
 
-def load_run_config(directory: Path, sets: list[str]) -> AstroPTConfig:
-    layers = ConfigLayers()
-    layers.add_file(directory / ckpt.CONFIG_FILE)
-    for option in sets:
-        layers.set(*parse_set_option(option), source=f"--set {option}")
-    return build(AstroPTConfig, layers)
-
-
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
     directory = ckpt.find_checkpoint(checkpoint)
-    config = load_run_config(directory, options.get("set", []))
+    config = ckpt.read_config(directory, AstroPTConfig, options.get("set", []))
     torch.manual_seed(config.train.seed)
     model = build_astropt(config.model)
     if not options.get("random_init"):
