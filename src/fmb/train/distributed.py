@@ -101,14 +101,6 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
-def broadcast_object(obj: Any, info: DistInfo) -> Any:
-    if not info.enabled:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0, group=info.control_group)
-    return holder[0]
-
-
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's object, on every rank (small host objects only)."""
     if not info.enabled:
