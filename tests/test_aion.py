@@ -317,8 +317,8 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     table = pq.read_table(out)
     n_test = pq.ParquetFile(run / "data" / "data" / "test-00000-of-00001.parquet").metadata.num_rows
     assert table.num_rows == n_test
-    assert table.column("embedding_image").type.list_size == 5
-    assert table.column("embedding_image_encoder").type.list_size == 8
+    assert table.column("embedding_image").type.list_size == 10  # mean and spread of 5 latent channels
+    assert table.column("embedding_image_encoder").type.list_size == 16
     values = np.stack(table.column("embedding_image").to_numpy(zero_copy_only=False))
     assert np.isfinite(values).all() and values.std(axis=0).max() > 0
     assert {"redshift", "truth_type"} <= set(table.column_names)  # targets carried for fmb evaluate
@@ -356,3 +356,15 @@ def test_config_errors(monkeypatch, capsys, tmp_path):
 
 def test_band_columns_are_the_euclid_ones():
     assert COLUMNS[1:] == list(EUCLID_BAND_COLUMNS) == ["VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image"]
+
+
+def test_grid_pool_keeps_mean_and_spread():
+    from fmb.models.aion.embed import grid_pool
+
+    small = torch.zeros(1, 1, 4, 4)
+    small[..., 1:3, 1:3] = 4.0  # compact: 4 bright cells
+    large = torch.full((1, 1, 4, 4), 1.0)  # same total, spread over the grid
+    pooled = grid_pool(torch.cat([small, large]))
+    assert pooled.shape == (2, 2) and pooled.dtype == torch.float32
+    assert torch.allclose(pooled[:, 0], torch.tensor([1.0, 1.0]))  # the mean alone cannot tell them apart
+    assert pooled[0, 1] > 1.5 and pooled[1, 1] == 0.0  # the spread can
