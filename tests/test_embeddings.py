@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from fmb.embeddings import EmbeddingWriter, joint_embedding
+from fmb.errors import DataError
 
 
 def test_writer_resumes_after_an_interruption(tmp_path):
@@ -30,6 +32,18 @@ def test_writer_resumes_after_an_interruption(tmp_path):
     assert table.column("embedding_images").null_count == 1
     np.testing.assert_allclose(np.array(table.column("embedding_images").to_pylist()[0]), vectors[0].numpy(), rtol=1e-6)
     assert not (tmp_path / "emb.parquet.parts").exists()
+
+
+def test_resuming_with_another_embedding_width_names_the_shard_and_column(tmp_path):
+    out = tmp_path / "emb.parquet"
+    first = EmbeddingWriter(out, shard_rows=2)
+    first.add(np.arange(2), {}, {"image": torch.randn(2, 5)})  # one shard written, then the run "dies"
+    second = EmbeddingWriter(out, shard_rows=2)
+    with pytest.raises(DataError, match=r"part-00000\.parquet: column embedding_image .*delete"):
+        second.add(np.arange(2, 4), {}, {"image": torch.randn(2, 10)})  # e.g. a newer pooling
+    third = EmbeddingWriter(out, shard_rows=2)
+    third.add(np.arange(2, 4), {}, {"image": torch.randn(2, 5)})  # the same width continues
+    assert pq.read_table(third.finish()).num_rows == 4
 
 
 def test_joint_embedding_uses_the_modalities_present():

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from fmb.errors import DataError
+
 log = logging.getLogger("fmb")
 
 EMBEDDING_PREFIX = "embedding_"
@@ -42,6 +44,8 @@ class EmbeddingWriter:
         shards = sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
         self.shard_count = len(shards)
         self.rows_done = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+        # New rows must fit the shards already written (same checkpoint, same embedding widths).
+        self.resumed_from = (shards[-1], pq.read_schema(shards[-1])) if shards else None
         if self.rows_done:
             log.info(f"{self.parts}: {self.rows_done} rows already embedded; continuing after them")
 
@@ -61,10 +65,22 @@ class EmbeddingWriter:
             flat = pa.array(matrix.astype(np.float32).reshape(-1))
             columns[f"{EMBEDDING_PREFIX}{name}"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=mask)
         table = pa.table(columns)
+        if self.resumed_from is not None:
+            self._check_fits(table.schema)
         self.buffer.append(table)
         self.buffered += table.num_rows
         if self.buffered >= self.shard_rows:
             self._flush()
+
+    def _check_fits(self, schema: pa.Schema) -> None:
+        shard, written = self.resumed_from
+        for field in written:
+            if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
+                now = schema.field(field.name).type if schema.get_field_index(field.name) >= 0 else "absent"
+                raise DataError(f"{shard}: column {field.name} is {field.type} there but {now} in this run; "
+                                f"the earlier shards come from another model or version: delete {self.parts} "
+                                "to embed from the start")
+        self.resumed_from = None  # checked once
 
     def _flush(self) -> None:
         if not self.buffer:
