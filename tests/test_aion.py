@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ import torch
 
 from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, open_split
 from fmb.data.synth import euclid_desi as synth
+from fmb.data.synth import hsc
 from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.models.aion.data import COLUMNS, EuclidBands, band_image
 from fmb.models.aion.model import (
@@ -26,6 +28,7 @@ from fmb.models.aion.model import (
     UNet,
 )
 from fmb.models.aion.samples import band_errors
+from fmb.models.aion.standin import ensure_standin, pretrain, relative_round_trip_error
 from fmb.models.aion.weights import build_codec, load_codec, save_codec
 from fmb.train.checkpoint import find_checkpoint
 from tests.cli_runner import run_cli
@@ -188,6 +191,59 @@ def test_random_init_warns_loudly(caplog):
     assert "RANDOM WEIGHTS" in caplog.text
 
 
+def test_compressed_round_trip_is_the_preprocessed_input_and_its_decoding():
+    codec = tiny_codec()
+    flux = torch.from_numpy(hsc.hsc_cutouts(2, np.random.default_rng(0)))
+    with torch.no_grad():
+        target, decoded = codec.compressed_round_trip(flux, HSC_BANDS)
+        padded, _ = codec.preprocess(flux, HSC_BANDS)
+        latent = codec.encode(flux, HSC_BANDS)
+        flux_decoded = codec.decode(codec.quantizer.quantize(latent), HSC_BANDS)
+    torch.testing.assert_close(target, padded[:, :5])
+    torch.testing.assert_close(codec.decompress(decoded, HSC_BANDS), flux_decoded)
+
+
+# ----------------------------------------------------------------------------- stand-in codec
+
+
+def test_synthetic_hsc_cutouts_have_hsc_units_noise_and_size():
+    cutouts = hsc.hsc_cutouts(120, np.random.default_rng(3))
+    assert cutouts.shape == (120, 5, 96, 96) and cutouts.dtype == np.float32 and np.isfinite(cutouts).all()
+    totals = cutouts.sum(axis=(2, 3))
+    assert 300 < np.median(totals[:, 2]) < 3000  # i ~ 19.5 mag at zero point 27
+    corners = cutouts[:, :, :6, :6].reshape(120, 5, -1)  # sky only for all but the largest galaxies
+    noise = np.median(corners.std(axis=2), axis=0)
+    np.testing.assert_allclose(noise, [hsc.SKY_SIGMA[b] for b in hsc.BANDS], rtol=0.25)
+    # Below every band's codec clamp for the typical galaxy, so the codec sees the profile, not a plateau.
+    assert (np.median(cutouts.max(axis=(2, 3)), axis=0) < [80, 110, 200, 330, 500]).all()
+    again = hsc.hsc_cutouts(120, np.random.default_rng(3))
+    np.testing.assert_array_equal(cutouts, again)
+
+
+def test_standin_pretraining_learns_more_than_the_mean_image():
+    held_out = torch.from_numpy(hsc.hsc_cutouts(16, np.random.default_rng(99)))
+    narrow = dataclasses.replace(TINY, multisurvey_projection_dims=12)  # 4x faster than 54
+    torch.manual_seed(0)
+    untrained = AionImageCodec(narrow).eval()
+    trained = pretrain(narrow, steps=40, seed=0, device=torch.device("cpu"), progress=False)
+    assert not trained.training
+    # 1.0 = no better than predicting the mean value everywhere
+    assert relative_round_trip_error(untrained, held_out) > 2.0
+    assert relative_round_trip_error(trained, held_out) < 0.8
+
+
+def test_standin_is_written_once_and_reused(tmp_path, caplog):
+    directory = tmp_path / "standin"
+    with caplog.at_level("INFO", logger="fmb"):
+        ensure_standin(directory, TINY, 2, 0, torch.device("cpu"), progress=False)
+        first = (directory / "model.safetensors").read_bytes()
+        assert not (tmp_path / "standin.partial").exists()
+        assert load_codec(directory).cfg.hidden_dims == 8
+        ensure_standin(directory, TINY, 2, 1, torch.device("cpu"), progress=False)  # another seed: not retrained
+    assert (directory / "model.safetensors").read_bytes() == first
+    assert "reusing" in caplog.text
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -345,6 +401,28 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     assert load_codec(tuned / "codec").cfg.hidden_dims == 8
 
 
+def test_demo_with_a_standin_codec_trains_through_it_and_resumes(monkeypatch, capsys, tmp_path):
+    run = tmp_path / "run"
+    args = ["retrain", "aion", "--demo", "--out", str(run), "--no-progress", "--set", "data.synthetic=24",
+            "--set", "train.batch_size=4", "--set", "model.codec.shape.hidden_dims=8",
+            "--set", "model.codec.standin_steps=3", "--set", "data.sample_grid=0"]
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--max-steps", "2")
+    assert code == 0, err
+    standin = run / "standin_codec"
+    config = (run / "config.yaml").read_text()
+    assert f"path: {standin.resolve()}" in config  # absolute: later commands may run from elsewhere
+    from safetensors.torch import load_file
+
+    saved = load_file(str(standin / "model.safetensors"))
+    trained = load_file(str(find_checkpoint(run) / "model.safetensors"))
+    torch.testing.assert_close(trained["codec.model.conv_in.conv.weight"], saved["model.conv_in.conv.weight"])
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--max-steps", "3", "--resume")
+    assert code == 0, err
+    assert "stand-in codec: reusing" in (run / "train.log").read_text()
+    assert load_file(str(standin / "model.safetensors"))["model.conv_in.conv.weight"].equal(
+        saved["model.conv_in.conv.weight"])
+
+
 def test_config_errors(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r"),
                         "--set", "model.codec.train=decoder")
@@ -352,6 +430,9 @@ def test_config_errors(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r2"),
                         "--set", "model.codec.random_init=false", "--set", "data.synthetic=4")
     assert code == 2 and "aion_codec" in err
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(tmp_path / "r3"),
+                           "--set", "model.codec.standin_steps=5", "--set", f"model.codec.path={tmp_path}")
+    assert code == 2 and "model.codec.standin_steps" in err and "random_init=true" in err
 
 
 def test_band_columns_are_the_euclid_ones():

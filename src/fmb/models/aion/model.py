@@ -358,11 +358,12 @@ class AionImageCodec(nn.Module):
         """Token indices (B, g*g) int64, in raster order."""
         return self.quantizer.indices(self.encode(flux, bands)).flatten(1)
 
-    def decode(self, quantized: torch.Tensor, bands: list[str] | tuple[str, ...], clamp: bool = False) -> torch.Tensor:
-        """Quantised latents (B, E, g, g) -> flux (B, n, 96, 96) in `bands`.
+    def decode_compressed(self, quantized: torch.Tensor, bands: list[str] | tuple[str, ...],
+                          clamp: bool = False) -> torch.Tensor:
+        """Quantised latents (B, E, g, g) -> range-compressed values (B, n, 96, 96) in `bands`.
 
-        clamp=True limits each band to the clamp range the encoder accepts (before the
-        inverse compression), which keeps an untrained decoder's outputs bounded.
+        clamp=True limits each band to the clamp range the encoder accepts, which keeps an
+        untrained decoder's outputs bounded.
         """
         out = self.model.decode(self.post_quant_proj(quantized))
         everything = torch.ones(out.shape[0], len(BAND_INDEX), dtype=torch.bool, device=out.device)
@@ -373,7 +374,19 @@ class AionImageCodec(nn.Module):
             limit = torch.asinh(self.clamp[idx] / self.zp_scale[idx] / f) * f * mult
             limit = limit.view(1, -1, 1, 1).to(values.dtype)
             values = torch.maximum(torch.minimum(values, limit), -limit)
-        return self.decompress(values, bands)
+        return values
+
+    def decode(self, quantized: torch.Tensor, bands: list[str] | tuple[str, ...], clamp: bool = False) -> torch.Tensor:
+        """Quantised latents (B, E, g, g) -> flux (B, n, 96, 96) in `bands` (see `decode_compressed`)."""
+        return self.decompress(self.decode_compressed(quantized, bands, clamp), bands)
+
+    def compressed_round_trip(self, flux: torch.Tensor, bands: list[str] | tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the preprocessed input, its reconstruction through the quantiser), both range-compressed
+        (B, n, 96, 96): the space an auto-encoder objective for the codec compares them in."""
+        padded, present = self.preprocess(flux, bands)
+        latent = self.pre_quant_proj(self.model.encode(self.subsample_in(padded, present)))
+        decoded = self.decode_compressed(self.quantizer.quantize(latent).to(latent.dtype), bands)
+        return padded[:, self._band_table(bands, flux.device)], decoded
 
     def decode_indices(self, tokens: torch.Tensor, bands: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Token indices (B, g*g) -> flux (B, n, 96, 96)."""

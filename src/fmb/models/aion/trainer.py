@@ -4,11 +4,13 @@ Loss: masked MSE between the Euclid input and its round trip Euclid -> HSC -> co
 Euclid (in flux, or in arcsinh space with model.loss_space=asinh), plus optionally
 model.latent_weight x MSE between the codec latents of the adapted image and of its reconstruction.
 Codec fine-tune mode: model.codec.train = encoder | decoder | all (needs model.gradient=full).
+Without the published codec: model.codec.standin_steps pretrains a stand-in (fmb.models.aion.standin).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,6 +24,7 @@ from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
 from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm
 from fmb.models.aion.samples import band_errors, sample_grid, write_grid
+from fmb.models.aion.standin import ensure_standin
 from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
@@ -31,12 +34,14 @@ log = logging.getLogger("fmb")
 FAMILY = "aion"
 BAND_NAMES = tuple(c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS)
 ADAPTERS_FILE = "adapters.safetensors"
+STANDIN_DIR = "standin_codec"
 
 
 @dataclass
 class AionCodecSettings:
     path: str | None = None  # local codec directory (paths_local.yaml: aion_codec); see fmb.models.aion.weights
     random_init: bool = False  # untrained codec of shape `shape` (demos and tests only; warns loudly)
+    standin_steps: int = 0  # with random_init: first pretrain it this many steps on synthetic HSC (models/aion/standin.py)
     shape: CodecConfig = field(default_factory=CodecConfig)  # filled from config.json when loading `path`
     train: Literal["none", "encoder", "decoder", "all"] = "none"  # codec fine-tune mode
     lr: float | None = None  # learning rate of fine-tuned codec weights (None: train.optim.lr)
@@ -83,6 +88,11 @@ def check_config(model: AionModelConfig) -> None:
         raise ConfigError("model.freeze_adapters=true with model.codec.train=none leaves nothing to train")
     if not model.init_from:
         require_codec_source(model.codec.path, model.codec.random_init)
+    if model.codec.standin_steps < 0:
+        raise ConfigError(f"model.codec.standin_steps must be >= 0, got {model.codec.standin_steps}")
+    if model.codec.standin_steps and (model.codec.path or not model.codec.random_init or model.init_from):
+        raise ConfigError("model.codec.standin_steps pretrains a stand-in for a missing codec: it needs "
+                          "model.codec.random_init=true and no model.codec.path or model.init_from")
     if model.depth < 0 or model.hidden < 1:
         raise ConfigError(f"model.depth must be >= 0 and model.hidden >= 1, got {model.depth} and {model.hidden}")
 
@@ -131,6 +141,14 @@ class AionTrainer(BaseTrainer):
                     log.info(f"writing {data.synthetic} synthetic Euclid+DESI objects ({SIZE} px) to {target}")
                     write(target, data.synthetic, self.cfg.seed, image_size=SIZE)
             data.path = str(target)
+        codec = self.config.model.codec
+        if codec.standin_steps:
+            directory = self.run_dir / STANDIN_DIR
+            with self.main_process_first() as is_main:
+                if is_main:
+                    ensure_standin(directory, codec.shape, codec.standin_steps, self.cfg.seed, self.device,
+                                   self.autocast, self.cfg.progress and sys.stderr.isatty())
+            codec.path = str(directory.resolve())  # recorded in config.yaml; build_model loads it like a published codec
         if data.path is None:
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")
