@@ -147,8 +147,10 @@ class AionTrainer(BaseTrainer):
             with self.main_process_first() as is_main:
                 if is_main:
                     ensure_standin(directory, codec.shape, codec.standin_steps, self.cfg.seed, self.device,
-                                   self.autocast, self.cfg.progress and sys.stderr.isatty())
-            codec.path = str(directory.resolve())  # recorded in config.yaml; build_model loads it like a published codec
+                                   self.amp_dtype == torch.bfloat16, self.cfg.progress and sys.stderr.isatty())
+            # From here on it is a codec on disk like the published one: config.yaml records its path (and no
+            # steps), so the saved config re-runs as is; <dir>/standin.json keeps how it was made.
+            codec.path, codec.standin_steps = str(directory.resolve()), 0
         if data.path is None:
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")

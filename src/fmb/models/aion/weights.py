@@ -27,6 +27,7 @@ HUB_CACHE_NAME = "models--polymathic-ai--aion-base"
 PATHS_KEY = "aion_codec"
 # fmb name -> upstream name (the only key that differs)
 UPSTREAM_KEYS = {"quantizer.levels": "_quantizer.levels"}
+STANDIN_MARK = "standin.json"  # written by fmb.models.aion.standin next to a stand-in's weights
 
 
 def _snapshots(cache_model_dir: Path) -> list[Path]:
@@ -109,7 +110,11 @@ def load_codec(path: str | Path) -> AionImageCodec:
     if levels != list(cfg.quantizer_levels):
         raise CheckpointError(f"{directory}: the weights' quantizer levels {levels} differ from config.json's "
                               f"quantizer_levels {cfg.quantizer_levels}")
-    log.info(f"AION image codec loaded from {directory}")
+    if (directory / STANDIN_MARK).is_file():
+        log.warning(f"{directory} is a stand-in codec pretrained on synthetic HSC cutouts (see its {STANDIN_MARK}), "
+                    "not the published AION weights")
+    else:
+        log.info(f"AION image codec loaded from {directory}")
     return codec
 
 
