@@ -236,6 +236,14 @@ def test_standin_pretraining_learns_more_than_the_mean_value():
         pretrain(narrow, steps=0, seed=0, device=torch.device("cpu"))
 
 
+def test_standin_warns_when_it_learned_little_and_runs_under_bf16(caplog):
+    narrow = dataclasses.replace(TINY, multisurvey_projection_dims=12)
+    with caplog.at_level("WARNING", logger="fmb"):
+        codec, errors = pretrain(narrow, steps=1, seed=2, device=torch.device("cpu"), bf16=True, progress=False)
+    assert errors["error_after"] > 0.9 and "learned little" in caplog.text
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in codec.parameters())
+
+
 def test_standin_is_written_once_reused_and_checked(tmp_path, caplog):
     directory = tmp_path / "standin"
     directory.mkdir()

@@ -351,7 +351,10 @@ class AionImageCodec(nn.Module):
 
     def encode_features(self, flux: torch.Tensor, bands: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Encoder output before the 1x1 projection (B, hidden_dims, g, g)."""
-        padded, present = self.preprocess(flux, bands)
+        return self.encode_preprocessed(*self.preprocess(flux, bands))
+
+    def encode_preprocessed(self, padded: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """`encode_features` of what `preprocess` returned (for callers that also need the preprocessed input)."""
         return self.model.encode(self.subsample_in(padded, present))
 
     def indices(self, flux: torch.Tensor, bands: list[str] | tuple[str, ...]) -> torch.Tensor:
@@ -384,7 +387,7 @@ class AionImageCodec(nn.Module):
         """(the preprocessed input, its reconstruction through the quantiser), both range-compressed
         (B, n, 96, 96): the space an auto-encoder objective for the codec compares them in."""
         padded, present = self.preprocess(flux, bands)
-        latent = self.pre_quant_proj(self.model.encode(self.subsample_in(padded, present)))
+        latent = self.pre_quant_proj(self.encode_preprocessed(padded, present))
         decoded = self.decode_compressed(self.quantizer.quantize(latent).to(latent.dtype), bands)
         return padded[:, self._band_table(bands, flux.device)], decoded
 

@@ -54,8 +54,8 @@ def start_from_the_data(codec: AionImageCodec, cutouts: torch.Tensor) -> None:
         for name, parameter in codec.named_parameters():
             if name.endswith(".bias") and id(parameter) not in gates:
                 parameter.zero_()
-        padded, _ = codec.preprocess(cutouts, HSC_BANDS)
-        codec.subsample_in.weight /= padded[:, :len(HSC_BANDS)].std().clamp_min(1e-6)
+        padded, present = codec.preprocess(cutouts, HSC_BANDS)
+        codec.subsample_in.weight /= padded[:, present[0]].std().clamp_min(1e-6)
 
 
 def pretrain(cfg: CodecConfig, steps: int, seed: int, device: torch.device, bf16: bool = False,
