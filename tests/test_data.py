@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fmb.data.hdf5 import HDF5Source
 from fmb.data.splits import holdout_mask
-from fmb.data.tables import TableSource, available_splits
+from fmb.data.tables import TableSource, available_splits, rows_by_id
 from fmb.errors import DataError
 
 
@@ -79,6 +79,21 @@ def test_save_to_disk_directory_is_memory_mapped(tmp_path):
     assert TableSource(tmp_path / "ds" / "test", ["object_id"]).row(0)["object_id"] == 50
     with pytest.raises(DataError, match="split 'val' not found"):
         TableSource(tmp_path / "ds", ["object_id"], split="val")
+
+
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_rows_by_id_searches_every_split_in_the_order_asked(tmp_path, layout):
+    if layout == "parquet":
+        (tmp_path / "data").mkdir()
+        pq.write_table(make_table(10, 0), tmp_path / "data" / "train-00000-of-00001.parquet", row_group_size=4)
+        pq.write_table(make_table(3, 100), tmp_path / "data" / "test-00000-of-00001.parquet")
+        root = tmp_path
+    else:
+        root = tmp_path / "ds"
+        write_save_to_disk(root, {"train": make_table(10), "test": make_table(3, 100)})
+    rows = rows_by_id(root, [101, 7, 55, 0], ["redshift"])
+    assert [r and r["object_id"] for r in rows] == [101, 7, None, 0]
+    assert rows[1]["redshift"] == 0.07 and "spectrum" not in rows[1]
 
 
 def test_missing_column_and_path_errors(tmp_path):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmb import cli
+from fmb.embeddings import load_embeddings
 from fmb.errors import DataError
 from fmb.evaluation import anomaly
 from fmb.evaluation.probes import (
@@ -20,7 +21,7 @@ from fmb.evaluation.probes import (
     retrieval_topk,
     ridge_predict,
 )
-from fmb.evaluation.run import detect, evaluate, load_embeddings
+from fmb.evaluation.run import detect, evaluate
 
 
 def planted(n=300, d=12, seed=0):

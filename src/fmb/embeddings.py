@@ -1,4 +1,4 @@
-"""The one embedding-file schema every `fmb embed <model>` writes, and its resumable writer.
+"""The one embedding-file schema every `fmb embed <model>` writes: its resumable writer and its reader.
 
 Columns: `object_id` (int64, or string for surveys with string ids), the targets the data has (redshift, label, ...), and one
 `embedding_<name>` column per modality (plus `embedding_joint` where a family has several):
@@ -6,6 +6,8 @@ fixed-size lists of float32, null where that modality is absent for the object.
 
 Rows are appended to shards under `<out>.parts/` as they are computed; an interrupted run
 started again skips the rows already written. `finish` joins the shards into `<out>`.
+`load_embeddings` reads a file back (embeddings as NaN-padded matrices) and `align` restricts
+several files to the objects they share.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +107,76 @@ class EmbeddingWriter:
         os.replace(tmp, self.out)
         shutil.rmtree(self.parts, ignore_errors=True)
         return self.out
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class EmbeddingFile:
+    name: str
+    path: Path
+    ids: np.ndarray
+    embeddings: dict[str, np.ndarray]  # column -> (n, d) float32, NaN rows where absent
+    targets: dict[str, np.ndarray]
+
+    def take(self, rows: np.ndarray) -> EmbeddingFile:
+        return EmbeddingFile(self.name, self.path, self.ids[rows], {k: v[rows] for k, v in self.embeddings.items()},
+                             {k: v[rows] for k, v in self.targets.items()})
+
+
+def load_embeddings(path: str | Path) -> EmbeddingFile:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"embedding file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if "object_id" not in table.column_names:
+        raise DataError(f"{path}: no 'object_id' column; it has {', '.join(table.column_names)}")
+    names = [c for c in table.column_names if c.startswith(EMBEDDING_PREFIX)]
+    if not names:
+        raise DataError(f"{path}: no '{EMBEDDING_PREFIX}*' columns; it has {', '.join(table.column_names)}")
+    ids = table.column("object_id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path}: object_id values are not unique")
+    embeddings = {name[len(EMBEDDING_PREFIX):]: _matrix(table.column(name), path, name) for name in names}
+    targets = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
+               if c != "object_id" and not c.startswith(EMBEDDING_PREFIX)}
+    return EmbeddingFile(path.stem, path, ids, embeddings, targets)
+
+
+def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+    """(rows, width) float32 from a list column, NaN rows where the value is null (vectorised)."""
+    array = column.combine_chunks()
+    valid = ~array.is_null().to_numpy(zero_copy_only=False)
+    if not valid.any():
+        raise DataError(f"{path}: column {name} is empty (all null)")
+    present = array.filter(pa.array(valid))
+    lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
+    if len(lengths) != 1:
+        raise DataError(f"{path}: column {name} has rows of different lengths ({lengths[:5].tolist()})")
+    width = int(lengths[0])
+    out = np.full((len(array), width), np.nan, dtype=np.float32)
+    out[valid] = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    return out
+
+
+def align(files: list[EmbeddingFile]) -> list[EmbeddingFile]:
+    """Restrict every file to the objects all of them share, in one order; report the overlap."""
+    common = files[0].ids
+    for f in files[1:]:
+        common = np.intersect1d(common, f.ids)
+    if len(common) == 0:
+        raise DataError("the embedding files share no object_id: " + ", ".join(str(f.path) for f in files))
+    for f in files:
+        if len(common) < len(f.ids):
+            log.info(f"{f.path}: {len(common)} of {len(f.ids)} objects are in every file; evaluating those")
+    common = np.sort(common)
+    return [f.take(_rows_of(f.ids, common)) for f in files]
+
+
+def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    order = np.argsort(ids)
+    return order[np.searchsorted(ids, wanted, sorter=order)]

@@ -219,3 +219,23 @@ def to_numpy_value(array: pa.Array) -> Any:
             return [to_numpy_value(values.slice(i, 1)) for i in range(rows)]
         return values.to_numpy(zero_copy_only=False)
     return array[0].as_py()
+
+
+def rows_by_id(path: str | Path, ids: np.ndarray | list, columns: list[str], id_column: str = "object_id") -> list[dict | None]:
+    """The rows (selected columns, as `TableSource.row` gives them) of the objects `ids`, in that
+    order, searched in every split of the dataset; None for an id the dataset does not hold.
+    Only the id column is read whole: for galleries and object views, not for training."""
+    wanted = np.asarray(ids)
+    found: list[dict | None] = [None] * len(wanted)
+    splits = available_splits(Path(path)) or [None]
+    if Path(path).is_file() or (Path(path) / "state.json").is_file():
+        splits = [None]
+    for split in splits:
+        source = TableSource(path, list(dict.fromkeys([id_column, *columns])), split=split)
+        held = source.column(id_column)
+        order = np.argsort(held, kind="stable")
+        slots = np.searchsorted(held, wanted, sorter=order).clip(0, max(len(held) - 1, 0))
+        for position, (target, slot) in enumerate(zip(wanted, slots, strict=True)):
+            if found[position] is None and len(held) and held[order[slot]] == target:
+                found[position] = source.row(int(order[slot]))
+    return found

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,93 +18,24 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddings
 from fmb.errors import ConfigError, DataError
 from fmb.evaluation import anomaly
 from fmb.evaluation.probes import cross_validate, retrieval_topk
 
 log = logging.getLogger("fmb")
 
-EMBEDDING_PREFIX = "embedding_"
 MAX_CLASSES = 50
-
-
-@dataclass
-class EmbeddingFile:
-    name: str
-    path: Path
-    ids: np.ndarray
-    embeddings: dict[str, np.ndarray]  # column -> (n, d) float32, NaN rows where absent
-    targets: dict[str, np.ndarray]
-
-    def take(self, rows: np.ndarray) -> EmbeddingFile:
-        return EmbeddingFile(self.name, self.path, self.ids[rows], {k: v[rows] for k, v in self.embeddings.items()},
-                             {k: v[rows] for k, v in self.targets.items()})
-
-
-def load_embeddings(path: str | Path) -> EmbeddingFile:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"embedding file not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    if "object_id" not in table.column_names:
-        raise DataError(f"{path}: no 'object_id' column; it has {', '.join(table.column_names)}")
-    names = [c for c in table.column_names if c.startswith(EMBEDDING_PREFIX)]
-    if not names:
-        raise DataError(f"{path}: no '{EMBEDDING_PREFIX}*' columns; it has {', '.join(table.column_names)}")
-    ids = table.column("object_id").to_numpy()
-    if len(np.unique(ids)) != len(ids):
-        raise DataError(f"{path}: object_id values are not unique")
-    embeddings = {name[len(EMBEDDING_PREFIX):]: _matrix(table.column(name), path, name) for name in names}
-    targets = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
-               if c != "object_id" and not c.startswith(EMBEDDING_PREFIX)}
-    return EmbeddingFile(path.stem, path, ids, embeddings, targets)
-
-
-def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
-    """(rows, width) float32 from a list column, NaN rows where the value is null (vectorised)."""
-    array = column.combine_chunks()
-    valid = ~array.is_null().to_numpy(zero_copy_only=False)
-    if not valid.any():
-        raise DataError(f"{path}: column {name} is empty (all null)")
-    present = array.filter(pa.array(valid))
-    lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
-    if len(lengths) != 1:
-        raise DataError(f"{path}: column {name} has rows of different lengths ({lengths[:5].tolist()})")
-    width = int(lengths[0])
-    out = np.full((len(array), width), np.nan, dtype=np.float32)
-    out[valid] = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
-    return out
-
-
-def align(files: list[EmbeddingFile]) -> list[EmbeddingFile]:
-    """Restrict every file to the objects all of them share, in one order; report the overlap."""
-    common = files[0].ids
-    for f in files[1:]:
-        common = np.intersect1d(common, f.ids)
-    if len(common) == 0:
-        raise DataError("the embedding files share no object_id: " + ", ".join(str(f.path) for f in files))
-    for f in files:
-        if len(common) < len(f.ids):
-            log.info(f"{f.path}: {len(common)} of {len(f.ids)} objects are in every file; evaluating those")
-    common = np.sort(common)
-    return [f.take(_rows_of(f.ids, common)) for f in files]
-
-
-def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    order = np.argsort(ids)
-    return order[np.searchsorted(ids, wanted, sorter=order)]
 
 
 def is_classification(values: np.ndarray) -> bool:
     if values.dtype.kind in "fc":
         return False
-    return len(np.unique(values[~_missing(values)])) <= MAX_CLASSES
+    return len(np.unique(values[~missing_values(values)])) <= MAX_CLASSES
 
 
-def _missing(values: np.ndarray) -> np.ndarray:
+def missing_values(values: np.ndarray) -> np.ndarray:
+    """True where a target value is absent (NaN, inf or None)."""
     if values.dtype.kind in "fc":
         return ~np.isfinite(values)
     return np.array([v is None for v in values]) if values.dtype == object else np.zeros(len(values), bool)
@@ -128,7 +58,7 @@ def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None =
             y_all = model.targets[target]
             task_classify = target in (classify or []) or is_classification(y_all)
             for column, x_all in model.embeddings.items():
-                keep = ~_missing(y_all) & np.isfinite(x_all).all(1)
+                keep = ~missing_values(y_all) & np.isfinite(x_all).all(1)
                 if base is not None:
                     if column not in base.embeddings:
                         raise DataError(f"baseline {base.path} has no column {EMBEDDING_PREFIX}{column}")
