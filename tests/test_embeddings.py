@@ -50,3 +50,13 @@ def test_joint_embedding_uses_the_modalities_present():
     a, b = torch.tensor([[3.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 5.0]])
     joint = joint_embedding({"a": a, "b": b}, {"a": torch.tensor([True, True]), "b": torch.tensor([True, False])})
     torch.testing.assert_close(joint, torch.tensor([[0.7071068, 0.7071068], [1.0, 0.0]]))
+
+
+def test_files_written_before_the_modality_vocabulary_read_with_the_new_names(tmp_path):
+    from fmb.embeddings import load_embeddings
+
+    writer = EmbeddingWriter(tmp_path / "old.parquet")
+    writer.add(np.arange(4), {"redshift": np.zeros(4)}, {"images": torch.randn(4, 3), "spectra": torch.randn(4, 3),
+                                                         "joint": torch.randn(4, 3)})
+    loaded = load_embeddings(writer.finish())
+    assert sorted(loaded.embeddings) == ["image", "joint", "spectrum"]

@@ -92,16 +92,16 @@ def test_evaluate_joins_on_object_id_and_counts_exclusions(tmp_path, caplog):
     ids = np.arange(1000, 1200)
     x_nan = x.copy()
     x_nan[:10] = np.nan  # absent embeddings are excluded, not imputed
-    a = write_file(tmp_path / "a.parquet", ids, {"images": x_nan, "joint": x}, redshift=z, klass=labels)
-    b = write_file(tmp_path / "b.parquet", ids[50:], {"images": x[50:] + 0.01}, redshift=z[50:], klass=labels[50:])
+    a = write_file(tmp_path / "a.parquet", ids, {"image": x_nan, "joint": x}, redshift=z, klass=labels)
+    b = write_file(tmp_path / "b.parquet", ids[50:], {"image": x[50:] + 0.01}, redshift=z[50:], klass=labels[50:])
     noise = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
-    base_a = write_file(tmp_path / "ra.parquet", ids, {"images": noise, "joint": noise}, redshift=z, klass=labels)
-    base_b = write_file(tmp_path / "rb.parquet", ids, {"images": noise}, redshift=z, klass=labels)
+    base_a = write_file(tmp_path / "ra.parquet", ids, {"image": noise, "joint": noise}, redshift=z, klass=labels)
+    base_b = write_file(tmp_path / "rb.parquet", ids, {"image": noise}, redshift=z, klass=labels)
     with caplog.at_level("INFO", logger="fmb"):
         rows = evaluate([str(a), str(b)], ["redshift", "klass"], [str(base_a), str(base_b)], folds=3,
                         fractions=(1.0,), k=16, probes=("linear",))
     assert "150 of 200 objects are in every file" in caplog.text
-    images_a = [r for r in rows if r["model"] == "a" and r["embedding"] == "images" and r["metric"] == "r2"][0]
+    images_a = [r for r in rows if r["model"] == "a" and r["embedding"] == "image" and r["metric"] == "r2"][0]
     assert images_a["n"] == 150 - 0 and images_a["excluded"] == 0  # the NaN rows are outside the overlap
     joint = [r for r in rows if r["model"] == "a" and r["embedding"] == "joint" and r["metric"] == "r2"][0]
     assert joint["value"] > 0.95 and joint["baseline"] < 0.2
@@ -112,17 +112,17 @@ def test_evaluate_joins_on_object_id_and_counts_exclusions(tmp_path, caplog):
 def test_nan_embeddings_are_counted(tmp_path):
     x, z, _ = planted(n=120)
     x[:7] = np.nan
-    path = write_file(tmp_path / "a.parquet", np.arange(120), {"images": x}, redshift=z)
+    path = write_file(tmp_path / "a.parquet", np.arange(120), {"image": x}, redshift=z)
     rows = evaluate([str(path)], ["redshift"], folds=3, fractions=(1.0,), k=8, probes=("knn",))
     assert rows[0]["excluded"] == 7 and rows[0]["n"] == 113
 
 
 def test_bad_inputs_name_file_and_column(tmp_path):
     x, z, _ = planted(n=40)
-    path = write_file(tmp_path / "a.parquet", np.arange(40), {"images": x}, redshift=z)
+    path = write_file(tmp_path / "a.parquet", np.arange(40), {"image": x}, redshift=z)
     with pytest.raises(DataError, match=r"a\.parquet: no target column 'mass'; it has redshift"):
         evaluate([str(path)], ["mass"])
-    other = write_file(tmp_path / "b.parquet", np.arange(100, 140), {"images": x}, redshift=z)
+    other = write_file(tmp_path / "b.parquet", np.arange(100, 140), {"image": x}, redshift=z)
     with pytest.raises(DataError, match="share no object_id"):
         evaluate([str(path), str(other)], ["redshift"])
     pq.write_table(pa.table({"object_id": [1, 2], "feature": [0.1, 0.2]}), tmp_path / "c.parquet")
@@ -150,11 +150,11 @@ def test_detect_fuses_models_and_flags_cross_modal_mismatch(tmp_path):
     images = rng.standard_normal((200, 8)).astype(np.float32)
     spectra = images + 0.05 * rng.standard_normal((200, 8)).astype(np.float32)
     spectra[:4] = rng.standard_normal((4, 8))  # four objects whose modalities disagree
-    a = write_file(tmp_path / "a.parquet", np.arange(200), {"images": images, "spectra": spectra})
-    b = write_file(tmp_path / "b.parquet", np.arange(200), {"images": images * 2})
+    a = write_file(tmp_path / "a.parquet", np.arange(200), {"image": images, "spectrum": spectra})
+    b = write_file(tmp_path / "b.parquet", np.arange(200), {"image": images * 2})
     out = detect([str(a), str(b)], tmp_path / "anomalies.parquet", k=8)
     table = pq.read_table(out).to_pydict()
-    assert {"object_id", "a/cross_modal", "a/knn_images", "b/iforest_images", "fused_rank"} <= set(table)
+    assert {"object_id", "a/cross_modal", "a/knn_image", "b/iforest_image", "fused_rank"} <= set(table)
     cross = dict(zip(table["object_id"], table["a/cross_modal"], strict=True))
     top = sorted(cross, key=cross.get)[-4:]
     assert set(top) == {0, 1, 2, 3}
@@ -163,7 +163,7 @@ def test_detect_fuses_models_and_flags_cross_modal_mismatch(tmp_path):
 
 def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
     x, z, _ = planted(n=120)
-    path = write_file(tmp_path / "a.parquet", np.arange(120), {"images": x, "spectra": x + 0.01}, redshift=z)
+    path = write_file(tmp_path / "a.parquet", np.arange(120), {"image": x, "spectrum": x + 0.01}, redshift=z)
     monkeypatch.setattr(sys, "argv", ["fmb", "evaluate", str(path), "--target", "redshift", "--out", str(tmp_path / "ev"),
                                       "--folds", "3", "--fractions", "1.0", "--probes", "knn,linear"])
     with pytest.raises(SystemExit) as info:
@@ -171,7 +171,7 @@ def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
     assert info.value.code == 0
     assert (tmp_path / "ev" / "results.csv").is_file()
     shown = capsys.readouterr().out
-    assert "| a | images | redshift | linear |" in shown and "images->spectra" in shown
+    assert "| a | image | redshift | linear |" in shown and "image->spectrum" in shown
     monkeypatch.setattr(sys, "argv", ["fmb", "detect", str(path), "--out", str(tmp_path / "an.csv")])
     with pytest.raises(SystemExit) as info:
         cli.main()
@@ -191,7 +191,7 @@ def test_pca_recovers_a_planted_plane():
 
 def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
     x, z, labels = planted(n=120)
-    path = write_file(tmp_path / "m.parquet", np.arange(120), {"images": x, "spectra": x + 0.01}, redshift=z,
+    path = write_file(tmp_path / "m.parquet", np.arange(120), {"image": x, "spectrum": x + 0.01}, redshift=z,
                       klass=labels.astype(str))
     monkeypatch.setattr(sys, "argv", ["fmb", "evaluate", str(path), "--target", "redshift", "--target", "klass",
                                       "--out", str(tmp_path / "ev"), "--folds", "3", "--fractions", "0.1,1.0",
@@ -200,7 +200,7 @@ def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
         cli.main()
     assert info.value.code == 0, capsys.readouterr().err
     written = {p.name for p in (tmp_path / "ev" / "plots").glob("*.png")}
-    assert {"m__images__redshift__pca.png", "m__images__redshift__few_shot.png", "m__images__klass__pca.png",
-            "m__images__to__spectra__retrieval.png"} <= written
-    assert any(name.startswith("m__images__redshift__") and name.endswith("_scatter.png") for name in written)
+    assert {"m__image__redshift__pca.png", "m__image__redshift__few_shot.png", "m__image__klass__pca.png",
+            "m__image__to__spectrum__retrieval.png"} <= written
+    assert any(name.startswith("m__image__redshift__") and name.endswith("_scatter.png") for name in written)
     assert all((tmp_path / "ev" / "plots" / n).read_bytes().startswith(b"\x89PNG") for n in written)

@@ -29,6 +29,10 @@ from fmb.errors import DataError
 log = logging.getLogger("fmb")
 
 EMBEDDING_PREFIX = "embedding_"
+# The modality vocabulary of embedding columns (`embedding_<name>`), the same for every family.
+MODALITIES = ("image", "spectrum", "photometry", "metadata", "joint")
+# Names written before the vocabulary was fixed (AstroPT: images/spectra; AstroM3: spectra).
+OLD_NAMES = {"images": "image", "spectra": "spectrum"}
 
 
 def joint_embedding(vectors: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -141,7 +145,14 @@ def load_embeddings(path: str | Path) -> EmbeddingFile:
     ids = table.column("object_id").to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"{path}: object_id values are not unique")
-    embeddings = {name[len(EMBEDDING_PREFIX):]: _matrix(table.column(name), path, name) for name in names}
+    embeddings = {}
+    for name in names:
+        modality = name[len(EMBEDDING_PREFIX):]
+        if modality in OLD_NAMES and f"{EMBEDDING_PREFIX}{OLD_NAMES[modality]}" not in names:
+            log.info(f"{path}: column {name} read as {EMBEDDING_PREFIX}{OLD_NAMES[modality]} (the name before the "
+                     "modality vocabulary was fixed)")
+            modality = OLD_NAMES[modality]
+        embeddings[modality] = _matrix(table.column(name), path, name)
     targets = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
                if c != "object_id" and not c.startswith(EMBEDDING_PREFIX)}
     return EmbeddingFile(path.stem, path, ids, embeddings, targets)
