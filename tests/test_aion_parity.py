@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-aion_image = pytest.importorskip("aion.codecs.image", reason="polymathic-aion (the parity extra) is not installed")
-aion_modalities = pytest.importorskip("aion.modalities")
+from tests.extras import need
+
+aion_image = need("aion.codecs.image")
+aion_modalities = need("aion.modalities")
 
 from fmb.models.aion.model import HSC_BANDS, HSC_ZP_SCALE, LEGACY_BANDS  # noqa: E402
 from fmb.models.aion.weights import load_codec  # noqa: E402

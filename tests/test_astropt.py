@@ -24,6 +24,7 @@ from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_
 from fmb.models.astropt.trainer import AstroPTConfig, AstroPTModelConfig, build_astropt, model_shape
 from fmb.train import checkpoint as ckpt
 from tests.cli_runner import run_cli
+from tests.extras import need
 
 IMAGES = Modality("images", 16 * 16 * 3, 16)
 SPECTRA = Modality("spectra", 10, 10)
@@ -136,7 +137,7 @@ def test_png_round_trip_and_corrupt_bytes():
 
 
 def test_jpeg_and_filtered_png_go_through_pillow():
-    from PIL import Image
+    Image = need("PIL.Image")
 
     image = np.zeros((8, 8, 3), np.uint8)
     image[:, 4:] = 200
@@ -250,7 +251,9 @@ def test_missing_column_names_file_and_column(tmp_path):
 
 
 def upstream_checkpoint(path, modalities, tokeniser="aim", prefix="_orig_mod.", layout="2.x"):
-    from astropt.model import GPT, GPTConfig, ModalityConfig, ModalityRegistry
+    upstream = need("astropt.model")
+    GPT, GPTConfig, ModalityConfig, ModalityRegistry = (upstream.GPT, upstream.GPTConfig, upstream.ModalityConfig,
+                                                        upstream.ModalityRegistry)
 
     torch.manual_seed(0)
     configs = [ModalityConfig(name=m.name, input_size=m.input_size, pos_input_size=m.pos_input_size,

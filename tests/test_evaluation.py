@@ -22,6 +22,7 @@ from fmb.evaluation.probes import (
     ridge_predict,
 )
 from fmb.evaluation.run import detect, evaluate
+from tests.extras import need
 
 
 def planted(n=300, d=12, seed=0):
@@ -190,6 +191,7 @@ def test_pca_recovers_a_planted_plane():
 
 
 def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
+    need("matplotlib")
     x, z, labels = planted(n=120)
     path = write_file(tmp_path / "m.parquet", np.arange(120), {"image": x, "spectrum": x + 0.01}, redshift=z,
                       klass=labels.astype(str))

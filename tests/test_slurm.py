@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -77,7 +78,10 @@ def fake_slurm(tmp_path: Path) -> dict[str, str]:
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("sbatch", FAKE_SBATCH)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    (bin_dir / "python").symlink_to(sys.executable)  # the scripts call `python`: make it this one
+    # The scripts call `python`: make it this interpreter. A wrapper, not a symlink: a venv's python
+    # finds its environment from the path it is started by, so a symlink elsewhere loses the venv.
+    (bin_dir / "python").write_text(f'#!/bin/bash\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "CUDA_VISIBLE"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}",
