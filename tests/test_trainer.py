@@ -301,7 +301,7 @@ def test_global_batch_size_sets_accumulation_from_world_size(tmp_path):
     from fmb.train.distributed import DistInfo
 
     trainer = ToyTrainer(toy_config(tmp_path, batch_size=4, global_batch_size=32))
-    trainer.dist = DistInfo(rank=0, world_size=2)
+    trainer.env.dist = DistInfo(rank=0, world_size=2)
     assert trainer._accumulation_steps() == 4  # 32 / (4 x 2 processes), not / local devices
     trainer.cfg.global_batch_size = 20
     with pytest.raises(ConfigError, match="not a multiple"):

@@ -81,28 +81,19 @@ def _measure(trainer: BaseTrainer, steps: int, warmup: int, loader_batches: int)
     trainer.optimizer.zero_grad(set_to_none=True)
     flops_per_batch = counter.get_total_flops()
 
-    def step(i: int) -> tuple[int, int]:
-        samples = tokens = 0
-        for micro in range(trainer.accum):
-            batch = on_device[(i * trainer.accum + micro) % len(on_device)]
-            with trainer.autocast():
-                out = trainer.compute_loss(trainer.train_model, batch)
-            (out.loss / trainer.accum).backward()
-            samples += out.n_samples
-            tokens += out.n_tokens
-        trainer.optimizer_step()
-        return samples, tokens
-
-    for i in range(warmup):
-        step(i)
+    # The training loop's own step (gradient sync skipped on non-final micro-steps, fp16 scaler), fed
+    # from batches already on the device.
+    batches = itertools.cycle(on_device)
+    for _ in range(warmup):
+        trainer.train_step(batches)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     samples = tokens = 0
     start = time.perf_counter()
-    for i in range(steps):
-        s, t = step(warmup + i)
-        samples, tokens = samples + s, tokens + t
+    for _ in range(steps):
+        stats = trainer.train_step(batches)
+        samples, tokens = samples + stats.samples, tokens + stats.tokens
     _sync(device)
     seconds = time.perf_counter() - start
 

@@ -5,11 +5,17 @@ Each holds `model.safetensors` (clean keys, no `module.` / `_orig_mod.`), `train
 with `torch.load(weights_only=True)`), `config.yaml` and `meta.json` (family, step, metrics).
 A directory is written under a temporary name and renamed when complete, so a crash never
 leaves a directory that looks complete; resume also checks that every file is present.
+`meta.json` records the size and SHA-256 of every other file, so damage done later (a truncated
+copy, a full disk during a transfer) is detected: resume then falls back to the previous complete
+checkpoint with a warning naming the damaged one. The same state gives the same bytes, and files
+follow the umask (readable by the group where the umask allows it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +37,7 @@ CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
 REQUIRED_FILES = (MODEL_FILE, STATE_FILE, CONFIG_FILE, META_FILE)
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
+log = logging.getLogger("fmb")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -53,7 +60,10 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Save CPU-contiguous copies; tensors sharing storage (tied weights) are stored separately."""
+    """Save CPU-contiguous copies; tensors sharing storage (tied weights) are stored separately.
+
+    The metadata goes in as one JSON entry: safetensors orders several entries differently in every
+    process, which would make the same state give different bytes."""
     seen: set[tuple[int, int]] = set()
     tensors = {}
     for key, value in clean_state_dict(state).items():
@@ -63,7 +73,48 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
             value = value.clone()
         seen.add(ident)
         tensors[key] = value
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={"fmb": json.dumps(metadata, sort_keys=True)})
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates the file 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def file_digests(directory: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under `directory` but meta.json, by relative path."""
+    out = {}
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.name != META_FILE):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        out[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return out
+
+
+def damage(directory: Path) -> str | None:
+    """What is wrong with a checkpoint's files against the sizes and digests meta.json records;
+    None when they match (or when meta.json predates the record and nothing can be checked)."""
+    try:
+        recorded = read_meta(directory).get("files")
+    except (CheckpointError, ValueError) as exc:
+        return str(exc)
+    if not recorded:
+        return None
+    for name, expected in recorded.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['bytes']} were written"
+    actual = file_digests(directory)
+    for name, expected in recorded.items():
+        if actual[name]["sha256"] != expected["sha256"]:
+            return f"{name} does not have the SHA-256 recorded when it was written"
+    return None
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -102,19 +153,29 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], source: s
     return state
 
 
-def write_converted(out: Path, family: str, model: nn.Module, config: Any, step: int = 0, **meta: Any) -> Path:
-    """An fmb checkpoint directory from converted upstream weights: model.safetensors, config.yaml
-    and meta.json (no trainer state: it starts runs via model.init_from, it does not resume them)."""
+def write_checkpoint(directory: Path, family: str, config: Any, model_state: dict[str, torch.Tensor], step: int,
+                     trainer_state: dict[str, Any] | None = None, **meta: Any) -> Path:
+    """The one place that decides what a checkpoint directory holds: model.safetensors, trainer_state.pt
+    (training runs only), config.yaml, and meta.json (family, step, version, `meta`, and the size and
+    SHA-256 of every other file in the directory, an FSDP optimizer/ folder included), written last."""
     from fmb import __version__
     from fmb.config import to_yaml
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), out / MODEL_FILE, {"fmb_family": family, "step": str(step)})
-    (out / CONFIG_FILE).write_text(to_yaml(config))
-    record = {"family": family, "step": step, "fmb_version": __version__, **meta}
-    (out / META_FILE).write_text(json.dumps(record, indent=1))
-    return out
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model_state, directory / MODEL_FILE, {"fmb_family": family, "step": str(step)})
+    if trainer_state is not None:
+        torch.save(trainer_state, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(to_yaml(config))
+    record = {"family": family, "step": step, "fmb_version": __version__, **meta, "files": file_digests(directory)}
+    (directory / META_FILE).write_text(json.dumps(record, indent=1))
+    return directory
+
+
+def write_converted(out: Path, family: str, model: nn.Module, config: Any, step: int = 0, **meta: Any) -> Path:
+    """An fmb checkpoint directory from converted upstream weights (no trainer state: it starts runs
+    via model.init_from, it does not resume them)."""
+    return write_checkpoint(Path(out), family, config, model.state_dict(), step, None, **meta)
 
 
 def read_config(directory: Path, cls: type, sets: list[str] | tuple[str, ...] = ()) -> Any:
@@ -165,20 +226,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resumable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files are intact; damaged newer ones are named in a warning."""
+    for _, directory in reversed(list_checkpoints(run_dir)):
+        problem = damage(directory)
+        if problem is None:
+            return directory
+        log.warning(f"checkpoint {directory} is damaged ({problem}); falling back to the previous one")
+    return None
+
+
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory itself, or in a run directory the best one (else the newest)."""
+    """A checkpoint directory itself, or in a run directory the best one (else the newest); a
+    damaged one is refused, naming it and what is wrong."""
     path = Path(path)
+    directory = None
     if (path / META_FILE).is_file():
-        return path
+        directory = path
     best = path / "checkpoints" / "best.json"
-    if best.is_file():
+    if directory is None and best.is_file():
         candidate = path / "checkpoints" / json.loads(best.read_text())["dir"]
         if (candidate / META_FILE).is_file():
-            return candidate
-    latest = latest_checkpoint(path)
-    if latest is None:
+            directory = candidate
+    directory = directory or latest_checkpoint(path)
+    if directory is None:
         raise CheckpointError(f"no fmb checkpoint at {path} (expected meta.json there, or a run directory with checkpoints/)")
-    return latest
+    problem = damage(directory)
+    if problem is not None:
+        others = [d.name for _, d in list_checkpoints(directory.parent.parent) if d != directory]
+        hint = f"; pass one of {', '.join(others)} explicitly" if others else ""
+        raise CheckpointError(f"checkpoint {directory} is damaged ({problem}){hint}")
+    return directory
 
 
 class CheckpointWriter:
@@ -226,6 +304,86 @@ class CheckpointWriter:
         for step in steps[: max(0, len(steps) - self.keep_last)]:
             if step != self.best_step:
                 shutil.rmtree(self.root / step_dirname(step), ignore_errors=True)
+
+
+class Checkpointer:
+    """Saves and restores a training run: the model's full weights, the optimizer (in trainer_state.pt,
+    or sharded under optimizer/ with FSDP), a set of stateful objects (anything with `state_dict` /
+    `load_state_dict`, stored under its name in trainer_state.pt) and every rank's RNG state.
+    Every rank calls `save` and `restore` (they hold collectives); rank 0 writes the files."""
+
+    def __init__(self, run_dir: Path, keep_last: int, dist: Any, parallel_kind: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.writer = CheckpointWriter(self.run_dir, keep_last)
+        self.dist, self.kind = dist, parallel_kind
+
+    def save(self, step: int, family: str, config: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+             stateful: dict[str, Any], best: dict[str, Any] | None, **meta: Any) -> Path:
+        """Write `step_NNNNNNN/` atomically; `best` (metric, value) marks it the best checkpoint."""
+        from fmb.train import parallel
+        from fmb.train.distributed import barrier, gather_objects
+
+        rng_states = gather_objects(capture_rng(), self.dist)
+        model_state = parallel.full_model_state(model, self.kind, self.dist)  # a collective under FSDP
+        if self.dist.is_main:
+            self.writer.begin(step)
+        barrier(self.dist)
+        tmp = self.writer.tmp_dir(step)
+        optimizer_state = parallel.save_optimizer(model, optimizer, self.kind, self.dist, tmp)
+        barrier(self.dist)
+        final = self.writer.root / step_dirname(step)
+        if self.dist.is_main:
+            state = {name: obj.state_dict() for name, obj in stateful.items()}
+            state.update(world_size=self.dist.world_size, optimizer=optimizer_state, rng=rng_states)
+            write_checkpoint(tmp, family, config, model_state, step, state, world_size=self.dist.world_size,
+                             parallel=self.kind, **meta)
+            if best is not None:
+                self.writer.best_step = step
+            self.writer.commit(tmp, step)
+            if best is not None:
+                self.writer.mark_best(step, best["metric"], best["value"])
+        barrier(self.dist)
+        return final
+
+    def restore(self, family: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                stateful: dict[str, Any]) -> tuple[Path, bool] | None:
+        """Load the newest intact checkpoint into the model, the optimizer and the stateful objects; the
+        run's configured optimizer hyper-parameters win over the saved ones. Returns (directory, whether
+        the RNG states were restored, i.e. the world size is the one saved), or None without checkpoints."""
+        from fmb.train import parallel
+        from fmb.train.distributed import gather_objects
+
+        choice = resumable_checkpoint(self.run_dir) if self.dist.is_main else None
+        directory = gather_objects(choice, self.dist)[0]  # rank 0 checks the digests once for everyone
+        if directory is None:
+            return None
+        check_family(directory, family)
+        weights = check_state_fits(model, read_safetensors(directory / MODEL_FILE), str(directory))
+        parallel.load_model_state(model, weights, self.kind, self.dist)
+        try:
+            state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt file must stop the run, never start it afresh
+            raise CheckpointError(f"cannot read {directory / STATE_FILE}: {exc}") from exc
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        parallel.load_optimizer(model, optimizer, self.kind, self.dist, directory, state["optimizer"])
+        _reapply_hyperparameters(optimizer, configured)
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
+        same_world = state["world_size"] == self.dist.world_size
+        if same_world:
+            restore_rng(state["rng"][self.dist.rank])
+        return directory, same_world
+
+
+def _reapply_hyperparameters(optimizer: torch.optim.Optimizer, configured: list[dict[str, Any]]) -> None:
+    """Loading an optimizer state restores the saved lr, weight decay, betas and eps; the
+    configuration of this run wins (lowering the lr before a requeue must take effect)."""
+    for group, wanted in zip(optimizer.param_groups, configured, strict=True):
+        for key in ("base_lr", "lr", "weight_decay", "betas", "eps"):
+            if key in wanted and group.get(key) != wanted[key]:
+                if key != "lr":
+                    log.info(f"resume: {group.get('name', 'group')} {key} {group.get(key)} -> {wanted[key]} (from the config)")
+                group[key] = wanted[key]
 
 
 # ----------------------------------------------------------------------------- RNG state

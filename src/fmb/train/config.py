@@ -18,6 +18,16 @@ def _require_positive(section: str, obj: object, names: tuple[str, ...]) -> None
             raise ConfigError(f"config key '{section}.{name}' = {value}: must be at least 1")
 
 
+def _require_range(section: str, obj: object, name: str, low: float, high: float, low_open: bool = False,
+                   high_open: bool = False) -> None:
+    value = getattr(obj, name)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"config key '{section}.{name}' = {value:g}: must be in {bounds}")
+
+
 @dataclass
 class OptimConfig:
     """AdamW (fused on CUDA). Weight decay applies to >= 2-D weights only."""
@@ -28,6 +38,14 @@ class OptimConfig:
     eps: float = 1e-8
     # Embedding tables (nn.Embedding) are matrices but are usually not decayed.
     decay_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _require_range("train.optim", self, "lr", 0.0, float("inf"))
+        _require_range("train.optim", self, "weight_decay", 0.0, float("inf"))
+        _require_range("train.optim", self, "eps", 0.0, 1.0, low_open=True)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"config key 'train.optim.betas[{i}]' = {beta:g}: must be in [0, 1)")
 
 
 @dataclass
@@ -46,6 +64,12 @@ class ScheduleConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 3
     plateau_threshold: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _require_range("train.schedule", self, "warmup_steps", 0, float("inf"))
+        _require_range("train.schedule", self, "min_lr_ratio", 0.0, 1.0)
+        _require_range("train.schedule", self, "plateau_factor", 0.0, 1.0, low_open=True)
+        _require_positive("train.schedule", self, ("decay_steps", "plateau_patience"))
 
 
 @dataclass
@@ -85,10 +109,13 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     clip_grad_norm: float = 1.0  # 0 disables clipping (the norm is still logged)
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
+    # Stop when more than this share of a modality's samples is present but unusable (corrupt image
+    # bytes, a spectrum on the wrong grid); absent (null) modalities do not count. 1 disables.
+    max_unusable_fraction: float = 0.05
 
     eval_every: int = 500
     eval_at_start: bool = False  # validate once before the first step (a baseline for the curve)
-    eval_max_batches: int | None = None  # per process; None: the whole validation split
+    eval_max_batches: int | None = None  # the first N batches of the validation split, in all; None: all of it
     log_every: int = 50
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
@@ -106,6 +133,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require_positive("train", self, ("batch_size", "grad_accum_steps", "global_batch_size", "max_steps", "epochs",
                                           "eval_every", "log_every", "eval_max_batches", "cpu_threads"))
+        _require_range("train", self, "clip_grad_norm", 0.0, float("inf"))
+        _require_range("train", self, "max_unusable_fraction", 0.0, 1.0)
+        if self.num_workers < 0:
+            raise ConfigError(f"config key 'train.num_workers' = {self.num_workers}: must be 0 or more")
 
 
 @dataclass

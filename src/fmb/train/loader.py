@@ -8,12 +8,15 @@ implement `set_epoch(epoch)` and seed per sample from (seed, epoch, index).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from fmb.train.stop import STOP_SIGNALS
 
 
 class ResumableSampler(DistributedSampler):
@@ -59,40 +62,38 @@ def block_shuffle(blocks: list[np.ndarray], generator: torch.Generator, window: 
     return out
 
 
-class ShardSampler(Sampler[int]):
-    """Every rank gets indices rank, rank + world, ...: no padding, so metrics count each sample once."""
-
-    def __init__(self, length: int, rank: int, world_size: int, limit: int | None = None) -> None:
-        self.indices = list(range(rank, length, world_size))
-        if limit is not None:
-            self.indices = self.indices[:limit]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the main process. `scancel`, preemption and time
+    limits signal every process of the job: a worker that died of it would take the run down before
+    the main process could write its checkpoint. (An orphaned worker still exits: torch's watchdog
+    sees its parent go.)"""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def make_loader(
     dataset: Dataset,
-    sampler: Sampler,
-    batch_size: int,
+    sampler: Sampler | None,
+    batch_size: int | None,
     num_workers: int,
     collate_fn: Callable | None,
     pin_memory: bool,
     drop_last: bool,
     seed: int,
+    batch_sampler: Sampler | None = None,
 ) -> DataLoader:
+    """The one way fmb builds a DataLoader (training, validation, embedding)."""
     return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=batch_size if batch_sampler is None else 1,
         sampler=sampler,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
-        drop_last=drop_last,
+        drop_last=drop_last if batch_sampler is None else False,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
         persistent_workers=False,  # workers are re-created per epoch so dataset.set_epoch reaches them
     )
 

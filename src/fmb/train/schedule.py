@@ -100,3 +100,29 @@ class EarlyStopping:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state["best"]
         self.bad_evals = int(state["bad_evals"])
+
+
+class BestTracker:
+    """The best value so far of the metric that names the best checkpoint (`checkpoints/best.json`)."""
+
+    def __init__(self, metric: str | None, mode: str) -> None:
+        self.metric, self.mode = metric, mode
+        self.record: dict[str, Any] | None = None  # {"metric", "value", "step"}
+
+    def improves(self, metrics: dict[str, float]) -> bool:
+        if not self.metric or self.metric not in metrics or not math.isfinite(metrics[self.metric]):
+            return False
+        return self.record is None or is_improvement(metrics[self.metric], self.record["value"], self.mode, 0.0)
+
+    def update(self, metrics: dict[str, float], step: int) -> dict[str, Any] | None:
+        """The new record if `metrics` improve on the best (and remember it), else None."""
+        if not self.improves(metrics):
+            return None
+        self.record = {"metric": self.metric, "value": metrics[self.metric], "step": step}
+        return self.record
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.record
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        self.record = state

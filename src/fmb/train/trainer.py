@@ -1,16 +1,17 @@
 """BaseTrainer: the training loop every model family shares.
 
-A family subclasses BaseTrainer and provides `build_model`, `build_datasets` and
-`compute_loss` (plus optional hooks, see docs/design.md). The base owns devices, precision,
-accumulation, clipping, non-finite handling, the optimizer and schedule, DDP, evaluation,
-checkpoints, exact resume, logging and graceful stop.
+A family subclasses BaseTrainer and provides `build_model`, `build_datasets` and `compute_loss`
+(plus optional hooks, see docs/design.md). The trainer owns the loop; the pieces around it are
+components with small interfaces: the environment (device, processes, precision:
+`fmb.train.environment`), the checkpointer (a set of stateful objects: `fmb.train.checkpoint`), the
+evaluator (`fmb.train.evaluator`), schedules, metrics, data faults, the run directory's lock and
+status file (`fmb.train.rundir`) and the stop request. `train_step` is public: `fmb bench` times it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -24,12 +25,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from fmb import __version__
 from fmb.config import to_yaml
-from fmb.errors import ConfigError, DataError, TrainingError
+from fmb.errors import EXIT_RUNTIME, ConfigError, DataError, FmbError, TrainingError
 from fmb.train import checkpoint as ckpt
 from fmb.train import parallel
 from fmb.train.config import BaseTrainingConfig
@@ -39,14 +39,16 @@ from fmb.train.distributed import (
     any_rank,
     barrier,
     gather_objects,
-    init_distributed,
-    resolve_device,
     shutdown_distributed,
 )
-from fmb.train.loader import ResumableSampler, ShardSampler, make_loader, to_device
+from fmb.train.environment import RunEnvironment, build_environment
+from fmb.train.evaluator import EvalBatchSampler, Evaluator, Sums, ValidationBatch, mean_metrics
+from fmb.train.faults import FaultCounter
+from fmb.train.loader import ResumableSampler, make_loader, to_device
 from fmb.train.metrics import Meter, MetricsLog, peak_memory_gb, summary_line
 from fmb.train.optim import build_adamw, parameter_groups
-from fmb.train.schedule import EarlyStopping, Schedule, is_improvement
+from fmb.train.rundir import EXIT_CODES, RunLock, write_status
+from fmb.train.schedule import BestTracker, EarlyStopping, Schedule
 from fmb.train.stop import StopRequest
 
 log = logging.getLogger("fmb")
@@ -63,12 +65,41 @@ class StepOutput:
 
 
 @dataclass
+class StepStats:
+    """One optimizer step, as `train_step` returns it (tensors stay on the device)."""
+
+    loss: torch.Tensor  # mean of the micro-batch losses
+    components: dict[str, torch.Tensor]  # means over the micro-batches
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # 1.0 when the step was skipped for a non-finite gradient (fp16: non-finite loss)
+    samples: int
+    tokens: int
+    ids: list
+    data_wait_s: float
+
+
+@dataclass
 class RunResult:
     status: str  # completed | stopped | early_stopped
     step: int
     run_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
     best: dict[str, Any] | None = None
+    checkpoint: Path | None = None  # the last one written
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.status]
+
+    def summary(self) -> str:
+        """What a user reads at the end: how it ended and where everything is."""
+        parts = [f"{self.status} at step {self.step}"]
+        if self.checkpoint is not None:
+            parts.append(f"checkpoint {self.checkpoint}")
+        parts.append(f"metrics {self.run_dir / 'metrics.jsonl'}")
+        if self.best:
+            parts.append(f"best {self.best['metric']} {self.best['value']:.4g} at step {self.best['step']}")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -80,6 +111,27 @@ class _Progress:
     batches_in_epoch: int = 0
     samples_seen: int = 0
     nonfinite_total: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
+
+
+class _OptionalState:
+    """A stateful object that may be absent (the fp16 GradScaler): saved as None."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> Any:
+        return self.obj.state_dict() if self.obj is not None else None
+
+    def load_state_dict(self, state: Any) -> None:
+        if self.obj is not None and state:
+            self.obj.load_state_dict(state)
 
 
 class BaseTrainer:
@@ -93,11 +145,14 @@ class BaseTrainer:
     def __init__(self, config: BaseTrainingConfig) -> None:
         self.config = config
         self.cfg = config.train
-        self.dist = DistInfo()
-        self.device = torch.device("cpu")
+        self.env = RunEnvironment(torch.device("cpu"), DistInfo(), "fp32")
         self.run_dir = Path(self.cfg.out or f"runs/{self.family}")
 
     # ------------------------------------------------------------------ family hooks
+
+    def check_config(self) -> None:
+        """Validate the whole configuration (presets, shapes, modality lists) before any work is done:
+        raise ConfigError naming the key. Runs first in `setup`, before demo data or models exist."""
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -142,8 +197,9 @@ class BaseTrainer:
                     return ids
         return []
 
-    def validation_step(self, model: nn.Module, batch: Any) -> dict[str, tuple[torch.Tensor, float]]:
-        """Named (sum, count) pairs for one validation batch; reduced over batches and ranks."""
+    def validation_step(self, model: nn.Module, batch: Any) -> Sums | ValidationBatch:
+        """Named (sum, count) pairs of one validation batch (or a ValidationBatch that also carries
+        per-object rows); the evaluator reduces them over batches and ranks in a fixed order."""
         out = self.compute_loss(model, batch)
         n = out.n_samples or 1
         metrics = {"loss": (out.loss.detach().float() * n, n)}
@@ -151,47 +207,32 @@ class BaseTrainer:
             metrics[name] = (value.detach().float() * n, n)
         return metrics
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """Validation metrics (without the `val/` prefix) over this rank's shard, reduced."""
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, float] = {}
-        for batch, counted in self.validation_batches(loader):
-            with self.autocast():
-                step_metrics = self.validation_step(model, batch)
-            if not counted:
-                continue
-            for name, (total, count) in step_metrics.items():
-                sums[name] = sums.get(name, 0) + total
-                counts[name] = counts.get(name, 0) + count
-        names = sorted(sums)
-        gathered = gather_objects(names, self.dist)
-        if any(g != names for g in gathered):
-            raise TrainingError(f"validation metrics differ between ranks: {gathered}")
-        if not names:
-            return {}
-        packed = torch.stack([torch.as_tensor(sums[n], device=self.device, dtype=torch.float64).reshape(())
-                              for n in names] + [torch.tensor(float(counts[n]), device=self.device, dtype=torch.float64)
-                                                 for n in names])
-        packed = all_reduce_sum(packed, self.dist).cpu().tolist()
-        k = len(names)
-        return {n: packed[i] / max(packed[k + i], 1e-12) for i, n in enumerate(names)}
-
-    def validation_batches(self, loader: DataLoader) -> Iterator[tuple[Any, bool]]:
-        """(batch on the device, counted) pairs. Under FSDP every rank must run as many forwards as
-        the others, so ranks with a shorter shard repeat their last batch, uncounted."""
-        batch = None
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            yield batch, True
-        if parallel.is_sharded(self.cfg.parallel, self.dist):
-            most = max(gather_objects(len(loader), self.dist))
-            for _ in range(most - len(loader)):
-                yield batch, False
+    def validation_metrics(self, totals: dict[str, tuple[torch.Tensor, float]],
+                           rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The reported figures (without the `val/` prefix) from the reduced totals and the rows of the
+        whole split (concatenated in data order, on every rank): by default each sum over its count."""
+        return mean_metrics(totals, rows)
 
     def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
         """Called on every rank after each validation (write sample images, confusion matrices...)."""
 
     # ------------------------------------------------------------------ helpers for families
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def dist(self) -> DistInfo:
+        return self.env.dist
+
+    @property
+    def precision(self) -> str:
+        return self.env.precision
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return self.env.amp_dtype
 
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[bool]:
@@ -203,9 +244,7 @@ class BaseTrainer:
             barrier(self.dist)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.env.autocast()
 
     # ------------------------------------------------------------------ run
 
@@ -215,27 +254,23 @@ class BaseTrainer:
         with StopRequest() as stop:
             try:
                 self.setup(resume)
-                return self._loop(stop)
+                result = self._loop(stop)
+                self._write_status(result.status, result.exit_code, result=result)
+                return result
+            except BaseException as exc:
+                self._write_status("failed", getattr(exc, "exit_code", EXIT_RUNTIME), error=_one_line(exc))
+                raise
             finally:
                 self.close()
 
     def setup(self, resume: bool = False) -> None:
         """Everything before the first step: processes, run directory, data, model, optimizer,
         schedule, and the resumed state. (`fit` = setup + loop; `fmb bench` times steps after it.)"""
-        self._seed_everything(self.cfg.seed)
-        if self.cfg.cpu_threads:
-            torch.set_num_threads(self.cfg.cpu_threads)
-        self.device = resolve_device(self.cfg.device, 0)
-        self.dist = init_distributed(self.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = resolve_device(self.cfg.device, self.dist.local_rank)
+        self.check_config()
         cfg = self.cfg
-        existing = ckpt.latest_checkpoint(self.run_dir)
-        if existing is not None and not resume:
-            raise ConfigError(f"{self.run_dir} already holds a run (newest checkpoint {existing.name}): pass --resume "
-                              "to continue it, or choose another --out")
-        self._setup_run_dir()
-        self._setup_precision()
+        self._seed_everything(cfg.seed)
+        self.env = build_environment(cfg.device, cfg.precision, cfg.cpu_threads, cfg.tf32)
+        self._open_run_dir(resume)
         self.prepare()
         if self.dist.is_main:  # after prepare(), which may fill in paths (demo data)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
@@ -253,15 +288,13 @@ class BaseTrainer:
                 f"the training split has {len(train_set)} samples, fewer than one batch of "
                 f"{cfg.batch_size} per process x {self.dist.world_size} processes: lower train.batch_size"
             )
-        self.val_loader = None
-        if val_set is not None and 0 < len(val_set) < self.dist.world_size:
-            raise DataError(f"the validation split has {len(val_set)} samples, fewer than the {self.dist.world_size} "
-                            "processes that share it: use more validation data")
+        self.evaluator = None
         if val_set is not None and len(val_set) > 0:
-            limit = cfg.eval_max_batches * cfg.batch_size if cfg.eval_max_batches else None
-            sampler = ShardSampler(len(val_set), self.dist.rank, self.dist.world_size, limit)
-            self.val_loader = make_loader(val_set, sampler, cfg.batch_size, cfg.num_workers,
-                                          self.collate_fn(), pin, drop_last=False, seed=cfg.seed)
+            sampler = EvalBatchSampler(len(val_set), cfg.batch_size, self.dist.rank, self.dist.world_size,
+                                       cfg.eval_max_batches, pad=parallel.is_sharded(cfg.parallel, self.dist))
+            loader = make_loader(val_set, None, None, cfg.num_workers, self.collate_fn(), pin, drop_last=False,
+                                 seed=cfg.seed, batch_sampler=sampler)
+            self.evaluator = Evaluator(val_set, sampler, loader, self.device, self.dist)
 
         self.accum = self._accumulation_steps()
         self.total_steps = self._total_steps()
@@ -277,10 +310,12 @@ class BaseTrainer:
         self.schedule = Schedule(cfg.schedule, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.early_stopping = EarlyStopping(**dataclasses.asdict(cfg.early_stopping))
-        self.writer = ckpt.CheckpointWriter(self.run_dir, cfg.checkpoint.keep_last)
-        self.best: dict[str, Any] | None = None
+        self.best = BestTracker(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
+        self.checkpointer = ckpt.Checkpointer(self.run_dir, cfg.checkpoint.keep_last, self.dist, cfg.parallel)
         self.progress = _Progress()
+        self.faults = FaultCounter()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.last_checkpoint: Path | None = None
 
         # Each rank gets its own dropout / augmentation stream.
         self._seed_everything(cfg.seed + self.dist.rank)
@@ -290,13 +325,79 @@ class BaseTrainer:
 
     def close(self) -> None:
         self._close_logging()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
         shutdown_distributed()
+
+    def stateful(self) -> dict[str, Any]:
+        """What a checkpoint restores besides the weights and the optimizer, by name in trainer_state.pt."""
+        return {"progress": self.progress, "schedule": self.schedule, "scaler": _OptionalState(self.scaler),
+                "early_stopping": self.early_stopping, "best": self.best}
+
+    def train_step(self, batches: Iterator[Any]) -> StepStats:
+        """One optimizer step: `accum` micro-batches from `batches` (forward, backward, gradient sync on
+        the last only), then clipping and the optimizer step at the scheduled learning rate."""
+        factor = self.schedule.factor(self.progress.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        ids: list = []
+        loss_sum = torch.zeros((), device=self.device)
+        components: dict[str, torch.Tensor] = {}
+        samples = tokens = 0
+        wait = 0.0
+        for micro in range(self.accum):
+            start = time.perf_counter()
+            batch = self.faults.take(next(batches))
+            wait += time.perf_counter() - start
+            ids.extend(self.batch_ids(batch))
+            batch = to_device(batch, self.device)
+            with parallel.gradient_sync(self.train_model, self.model, self.cfg.parallel, self.dist,
+                                        enabled=micro == self.accum - 1):
+                with self.autocast():
+                    out = self.compute_loss(self.train_model, batch)
+                loss = out.loss / self.accum  # the mean over the whole accumulated batch
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum = loss_sum + loss.detach().float()
+            for name, value in out.components.items():
+                components[name] = components.get(name, 0) + value.detach().float() / self.accum
+            samples += out.n_samples
+            tokens += out.n_tokens
+        grad_norm, found_inf = self.optimizer_step()
+        # fp16: the scaler's own overflow skips are normal; count steps whose loss is non-finite.
+        skipped = (~torch.isfinite(loss_sum)).float() if self.scaler is not None else found_inf
+        return StepStats(loss=loss_sum, components=components, grad_norm=grad_norm, skipped=skipped,
+                         samples=samples, tokens=tokens, ids=ids, data_wait_s=wait)
+
+    def validate(self) -> dict[str, float]:
+        """One validation pass (every rank), logged, with the `val/` prefix."""
+        start = time.perf_counter()
+        self.model.eval()
+        # Evaluation draws from its own fixed RNG stream: it neither perturbs training randomness
+        # (exact resume) nor varies between evaluations.
+        with torch.no_grad(), _isolated_rng(self.cfg.seed, self.device):
+            raw = self.evaluator.run(lambda batch: self.validation_step(self.model, batch), self.validation_metrics,
+                                     self.autocast)
+        self.set_train_mode(self.model)
+        metrics = {f"val/{k}": v for k, v in raw.items()}
+        self.schedule.observe(metrics, self.progress.step)
+        record = {"step": self.progress.step, "epoch": self.progress.epoch, **metrics,
+                  "eval_time_s": time.perf_counter() - start}
+        faults = self.evaluator.faults.merged(self.dist)
+        if faults.counts:
+            faults.report("validation")
+            record.update({f"val_{k}": v for k, v in faults.record().items()})
+        self.evaluator.faults = FaultCounter()
+        self.metrics_log.write(record)
+        log.info(summary_line(record, tuple(metrics)))
+        self.on_validation_end(self.model, self.progress.step, metrics)
+        return metrics
 
     def _loop(self, stop: StopRequest) -> RunResult:
         cfg = self.cfg
         prog = self.progress
         meter = Meter()
-        # Per-step "non-finite" flags stay on the device and are read once per window.
+        # Per-step "skipped" flags stay on the device and are read once per window.
         window: list[tuple[int, list, torch.Tensor]] = []
         check_every = max(1, min(cfg.log_every, cfg.max_nonfinite_steps)) if cfg.max_nonfinite_steps > 0 else cfg.log_every
         self._streak: list[tuple[int, list]] = []
@@ -308,37 +409,16 @@ class BaseTrainer:
         interval_start = time.perf_counter()
         interval = {"steps": 0, "samples": 0, "tokens": 0, "data_wait": 0.0}
         batches = self._batches()
-        if cfg.eval_at_start and self.val_loader is not None and prog.step == 0:
-            metrics = self._validate()
+        if cfg.eval_at_start and self.evaluator is not None and prog.step == 0:
+            metrics = self.validate()
 
         while prog.step < self.total_steps:
-            factor = self.schedule.factor(prog.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-
-            step_ids = []
-            loss_sum = torch.zeros((), device=self.device)
-            for micro in range(self.accum):
-                wait_start = time.perf_counter()
-                batch = next(batches)
-                interval["data_wait"] += time.perf_counter() - wait_start
-                step_ids.extend(self.batch_ids(batch))
-                batch = to_device(batch, self.device)
-                last = micro == self.accum - 1
-                with parallel.gradient_sync(self.train_model, self.model, cfg.parallel, self.dist, enabled=last):
-                    with self.autocast():
-                        out = self.compute_loss(self.train_model, batch)
-                    loss = out.loss / self.accum  # the mean over the whole accumulated batch
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-                loss_sum = loss_sum + loss.detach().float()
-                meter.add({"loss": out.loss, **out.components})
-                interval["samples"] += out.n_samples
-                interval["tokens"] += out.n_tokens
-            grad_norm, found_inf = self.optimizer_step()
-            meter.add({"grad_norm": grad_norm})
-            # fp16: the scaler's own overflow skips are normal; count steps whose loss is non-finite.
-            bad = (~torch.isfinite(loss_sum)).float() if self.scaler is not None else found_inf
-            window.append((prog.step, step_ids, bad))
+            stats = self.train_step(batches)
+            meter.add({"loss": stats.loss, **stats.components, "grad_norm": stats.grad_norm})
+            window.append((prog.step, stats.ids, stats.skipped))
+            interval["samples"] += stats.samples
+            interval["tokens"] += stats.tokens
+            interval["data_wait"] += stats.data_wait_s
 
             prog.step += 1
             interval["steps"] += 1
@@ -352,6 +432,7 @@ class BaseTrainer:
             if prog.step % cfg.log_every == 0 or is_last:
                 elapsed = time.perf_counter() - interval_start
                 record = self._train_record(meter, interval, elapsed, prog.nonfinite_total)
+                self.faults.merged(self.dist).check(cfg.max_unusable_fraction, f"training epoch {prog.epoch}", final=False)
                 self.metrics_log.write(record)
                 bar.set_postfix(loss=f"{record.get('train/loss', float('nan')):.4g}", refresh=False)
                 log.info(summary_line(record, ("train/loss", *[f"train/{k}" for k in self.summary_keys],
@@ -360,15 +441,15 @@ class BaseTrainer:
                 interval = {"steps": 0, "samples": 0, "tokens": 0, "data_wait": 0.0}
 
             evaluated = False
-            if self.val_loader is not None and (prog.step % cfg.eval_every == 0 or is_last):
-                metrics = self._validate()
+            if self.evaluator is not None and (prog.step % cfg.eval_every == 0 or is_last):
+                metrics = self.validate()
                 evaluated = True
 
             stop_now = any_rank(stop.requested, self.dist)
             early = evaluated and self.early_stopping.should_stop(metrics)
-            new_best = evaluated and self._improves_best(metrics)
+            new_best = self.best.update(metrics, prog.step) if evaluated else None
             if prog.step % cfg.checkpoint.every == 0 or is_last or stop_now or early or new_best:
-                self._save(metrics if evaluated else None)
+                self._save(metrics if evaluated else None, new_best)
             if stop_now:
                 log.warning(f"stop requested ({stop.signal_name or 'signal on another rank'}): "
                             f"checkpoint written at step {prog.step}; resume with --resume")
@@ -380,12 +461,14 @@ class BaseTrainer:
                 status = "early_stopped"
                 break
         bar.close()
-        return RunResult(status=status, step=prog.step, run_dir=self.run_dir, metrics=metrics, best=self.best)
+        return RunResult(status=status, step=prog.step, run_dir=self.run_dir, metrics=metrics, best=self.best.record,
+                         checkpoint=self.last_checkpoint)
 
     # ------------------------------------------------------------------ loop pieces
 
     def _batches(self) -> Iterator[Any]:
-        """Micro-batches forever, epoch after epoch, starting at the saved data position."""
+        """Micro-batches forever, epoch after epoch, starting at the saved data position; data faults
+        are reported (and checked against train.max_unusable_fraction) at the end of every epoch."""
         prog = self.progress
         while True:
             self.train_sampler.set_epoch(prog.epoch)
@@ -398,8 +481,19 @@ class BaseTrainer:
                 prog.batches_in_epoch += 1
                 prog.samples_seen += self.cfg.batch_size * self.dist.world_size
                 yield batch
+            self._end_epoch_faults()
             prog.epoch += 1
             prog.batches_in_epoch = 0
+
+    def _end_epoch_faults(self) -> None:
+        faults = self.faults.merged(self.dist)
+        self.faults = FaultCounter()
+        if not faults.counts:
+            return
+        where = f"training epoch {self.progress.epoch}"
+        faults.report(where)
+        self.metrics_log.write({"step": self.progress.step, "epoch": self.progress.epoch, **faults.record()})
+        faults.check(self.cfg.max_unusable_fraction, where, final=True)
 
     def optimizer_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Clip, step (skipped on the device when the gradient norm is not finite), zero grads."""
@@ -444,12 +538,6 @@ class BaseTrainer:
                     "rate, check the data of these objects, or try train.precision=fp32."
                 )
 
-    def _improves_best(self, metrics: dict[str, float]) -> bool:
-        name = self.cfg.checkpoint.best_metric
-        if not name or name not in metrics or not math.isfinite(metrics[name]):
-            return False
-        return self.best is None or is_improvement(metrics[name], self.best["value"], self.cfg.checkpoint.best_mode, 0.0)
-
     def _train_record(self, meter: Meter, interval: dict, elapsed: float, nonfinite: int) -> dict[str, Any]:
         values = meter.read()
         if self.dist.enabled:
@@ -477,106 +565,27 @@ class BaseTrainer:
             record["tokens_per_s"] = interval["tokens"] * world / max(elapsed, 1e-9)
         return record
 
-    def _validate(self) -> dict[str, float]:
-        start = time.perf_counter()
-        self.model.eval()
-        # Evaluation draws from its own fixed RNG stream: it neither perturbs training randomness
-        # (exact resume) nor varies between evaluations.
-        with torch.no_grad(), _isolated_rng(self.cfg.seed, self.device):
-            raw = self.evaluate(self.model, self.val_loader)
-        self.set_train_mode(self.model)
-        metrics = {f"val/{k}": v for k, v in raw.items()}
-        self.schedule.observe(metrics, self.progress.step)
-        record = {"step": self.progress.step, "epoch": self.progress.epoch, **metrics,
-                  "eval_time_s": time.perf_counter() - start}
-        self.metrics_log.write(record)
-        log.info(summary_line(record, tuple(metrics)))
-        self.on_validation_end(self.model, self.progress.step, metrics)
-        return metrics
-
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, metrics: dict[str, float] | None) -> None:
-        step = self.progress.step
-        best_cfg = self.cfg.checkpoint
-        is_best = False
-        if metrics and self._improves_best(metrics):
-            self.best = {"metric": best_cfg.best_metric, "value": metrics[best_cfg.best_metric], "step": step}
-            is_best = True
-        rng_states = gather_objects(ckpt.capture_rng(), self.dist)
-        model_state = parallel.full_model_state(self.model, self.cfg.parallel, self.dist)  # collective under FSDP
-        if self.dist.is_main:
-            self.writer.begin(step)
-        barrier(self.dist)
-        tmp = self.writer.tmp_dir(step)
-        optimizer_state = parallel.save_optimizer(self.model, self.optimizer, self.cfg.parallel, self.dist, tmp)
-        barrier(self.dist)
-        if self.dist.is_main:
-            meta = {"family": self.family, "step": step, "fmb_version": __version__,
-                    "metrics": metrics or {}, "world_size": self.dist.world_size, "parallel": self.cfg.parallel}
-            ckpt.save_safetensors(model_state, tmp / ckpt.MODEL_FILE, {"fmb_family": self.family, "step": str(step)})
-            torch.save(self._trainer_state(rng_states, optimizer_state), tmp / ckpt.STATE_FILE)
-            (tmp / ckpt.CONFIG_FILE).write_text(to_yaml(self.config))
-            (tmp / ckpt.META_FILE).write_text(json.dumps(meta, indent=1))
-            if is_best:
-                self.writer.best_step = step
-            self.writer.commit(tmp, step)
-            if is_best:
-                self.writer.mark_best(step, self.best["metric"], self.best["value"])
-        barrier(self.dist)
-
-    def _trainer_state(self, rng_states: list, optimizer_state: dict[str, Any] | None) -> dict[str, Any]:
-        return {
-            "progress": dataclasses.asdict(self.progress),
-            "world_size": self.dist.world_size,
-            "optimizer": optimizer_state,  # None under FSDP: sharded in optimizer/
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "early_stopping": self.early_stopping.state_dict(),
-            "best": self.best,
-            "rng": rng_states,
-        }
+    def _save(self, metrics: dict[str, float] | None, best: dict[str, Any] | None) -> None:
+        self.last_checkpoint = self.checkpointer.save(
+            self.progress.step, self.family, self.config, self.model, self.optimizer, self.stateful(), best,
+            metrics=metrics or {})
 
     def _resume(self) -> None:
-        directory = ckpt.latest_checkpoint(self.run_dir)
-        if directory is None:
+        restored = self.checkpointer.restore(self.family, self.model, self.optimizer, self.stateful())
+        if restored is None:
             log.info(f"--resume: no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
             return
-        ckpt.check_family(directory, self.family)
-        weights = ckpt.check_state_fits(self.model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
-        parallel.load_model_state(self.model, weights, self.cfg.parallel, self.dist)
-        try:
-            state = torch.load(directory / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a corrupt file must stop the run, never start it afresh
-            raise ckpt.CheckpointError(f"cannot read {directory / ckpt.STATE_FILE}: {exc}") from exc
-        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        parallel.load_optimizer(self.model, self.optimizer, self.cfg.parallel, self.dist, directory, state["optimizer"])
-        self._reapply_hyperparameters(configured)
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        self.early_stopping.load_state_dict(state["early_stopping"])
-        self.best = state["best"]
-        self.writer.best_step = self.best["step"] if self.best else None
-        self.progress = _Progress(**state["progress"])
-        if state["world_size"] == self.dist.world_size:
-            ckpt.restore_rng(state["rng"][self.dist.rank])
-        else:
-            log.warning(f"resuming with {self.dist.world_size} processes instead of {state['world_size']}: "
+        directory, same_world = restored
+        self.checkpointer.writer.best_step = self.best.record["step"] if self.best.record else None
+        if not same_world:
+            saved = ckpt.read_meta(directory).get("world_size", self.dist.world_size)
+            log.warning(f"resuming with {self.dist.world_size} processes instead of {saved}: "
                         "the data order and random streams differ from an uninterrupted run")
-            ratio = state["world_size"] / self.dist.world_size
-            self.progress.batches_in_epoch = int(self.progress.batches_in_epoch * ratio)
+            self.progress.batches_in_epoch = int(self.progress.batches_in_epoch * saved / self.dist.world_size)
+        self.last_checkpoint = directory
         log.info(f"resumed from {directory} (step {self.progress.step}, epoch {self.progress.epoch})")
-
-    def _reapply_hyperparameters(self, configured: list[dict[str, Any]]) -> None:
-        """Loading an optimizer state restores the saved lr, weight decay, betas and eps; the
-        configuration of this run wins (lowering the lr before a requeue must take effect)."""
-        for group, wanted in zip(self.optimizer.param_groups, configured, strict=True):
-            for key in ("base_lr", "lr", "weight_decay", "betas", "eps"):
-                if key in wanted and group.get(key) != wanted[key]:
-                    if key != "lr":
-                        log.info(f"resume: {group.get('name', 'group')} {key} {group.get(key)} -> {wanted[key]} (from the config)")
-                    group[key] = wanted[key]
 
     # ------------------------------------------------------------------ set-up
 
@@ -600,23 +609,25 @@ class BaseTrainer:
             return max(1, cfg.epochs * self.batches_per_epoch // self.accum)
         raise ConfigError("set train.max_steps or train.epochs (e.g. --max-steps 1000)")
 
-    def _setup_precision(self) -> None:
-        precision = self.cfg.precision
-        if precision == "auto":
-            if self.device.type == "cuda":
-                precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            else:
-                precision = "fp32"
-        self.precision = precision
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
-            torch.backends.cudnn.allow_tf32 = self.cfg.tf32
-
-    def _setup_run_dir(self) -> None:
+    def _open_run_dir(self, resume: bool) -> None:
+        """Create and lock the run directory (rank 0, for every rank), refuse to overwrite a run,
+        open the logs and mark the status "running"."""
+        self._lock = None
+        problem = None
         if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier(self.dist)
+            try:
+                self._lock = RunLock(self.run_dir).acquire()
+                existing = ckpt.latest_checkpoint(self.run_dir)
+                if existing is not None and not resume:
+                    raise ConfigError(f"{self.run_dir} already holds a run (newest checkpoint {existing.name}): pass "
+                                      "--resume to continue it, or choose another --out")
+            except FmbError as exc:
+                problem = exc
+        failures = gather_objects(str(problem) if problem else None, self.dist)
+        if problem is not None:
+            raise problem
+        if any(failures):
+            raise ConfigError(next(f for f in failures if f))
         self._log_handler = None
         if self.dist.is_main:
             handler = logging.FileHandler(self.run_dir / "train.log")
@@ -624,6 +635,23 @@ class BaseTrainer:
             log.addHandler(handler)
             self._log_handler = handler
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, self.cfg.log_to, self.run_dir.name)
+        self._write_status("running", None)
+
+    def _write_status(self, status: str, exit_code: int | None, result: RunResult | None = None, **extra: Any) -> None:
+        """status.json on rank 0, once the run directory is ours (see fmb.train.rundir)."""
+        if not self.dist.is_main or getattr(self, "_lock", None) is None:
+            return
+        record: dict[str, Any] = {"status": status, "exit_code": exit_code, "family": self.family,
+                                  "world_size": self.dist.world_size, **extra}
+        progress = getattr(self, "progress", None)
+        record["step"] = progress.step if progress is not None else 0
+        checkpoint = getattr(self, "last_checkpoint", None)
+        record["checkpoint"] = str(checkpoint) if checkpoint else None
+        best = getattr(self, "best", None)
+        record["best"] = best.record if best is not None else None
+        if result is not None:
+            record["metrics"] = result.metrics
+        write_status(self.run_dir, **record)
 
     def _close_logging(self) -> None:
         if getattr(self, "metrics_log", None) is not None:
@@ -651,6 +679,11 @@ class BaseTrainer:
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 @contextlib.contextmanager

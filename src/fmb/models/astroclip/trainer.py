@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fmb.data.euclid_desi import DESI_PIXELS, open_split
 from fmb.errors import CheckpointError, ConfigError
@@ -41,8 +40,7 @@ from fmb.models.astroclip.model import (
 )
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
-from fmb.train.distributed import all_reduce_sum, gather_objects
-from fmb.train.loader import to_device
+from fmb.train.evaluator import ValidationBatch
 
 log = logging.getLogger("fmb")
 
@@ -185,18 +183,6 @@ def apply_finetune(model: AstroCLIP, cfg: AstroCLIPModelConfig) -> None:
         model.image_encoder.backbone.pos_embed.requires_grad_(False)
 
 
-def _gather_rows(tensor: torch.Tensor, info) -> torch.Tensor:
-    """Concatenate every rank's rows (any count per rank), in rank order, on every rank."""
-    if not info.enabled:
-        return tensor
-    counts = gather_objects(len(tensor), info)
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: len(tensor)] = tensor
-    parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:count] for part, count in zip(parts, counts, strict=True)])
-
-
 # ----------------------------------------------------------------------------- shared data handling
 
 
@@ -299,30 +285,23 @@ class AstroCLIPTrainer(_DataMixin, BaseTrainer):
         n = len(batch["valid"])
         return StepOutput(loss=loss, components={"scale": scale.detach().float()}, n_samples=n)
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """CLIP loss (batch by batch, as in training) and retrieval accuracy over the whole split,
-        with the embeddings of every rank gathered."""
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
-        images, spectra, valid = [], [], []
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            with self.autocast():
-                image, spectrum, scale = model(batch["image"], batch["spectrum"])
-            n_valid = batch["valid"].sum()
-            loss_sum += masked_clip_loss(clip_logits(image, spectrum, scale), batch["valid"]).double() * n_valid
-            count += n_valid
-            images.append(F.normalize(image.float(), dim=-1))
-            spectra.append(F.normalize(spectrum.float(), dim=-1))
-            valid.append(batch["valid"])
-        width = self.config.model.embed_dim
-        empty = torch.zeros(0, width, device=self.device)
-        flags = torch.cat(valid).to(torch.uint8) if valid else torch.zeros(0, dtype=torch.uint8, device=self.device)
-        keep = _gather_rows(flags, self.dist).bool()
-        image_all = _gather_rows(torch.cat(images) if images else empty, self.dist)[keep]
-        spectrum_all = _gather_rows(torch.cat(spectra) if spectra else empty, self.dist)[keep]
-        totals = all_reduce_sum(torch.stack([loss_sum, count]), self.dist).tolist()
-        metrics = {"loss": totals[0] / max(totals[1], 1.0), "n_pairs": float(len(image_all))}
+    def validation_step(self, model: nn.Module, batch: dict) -> ValidationBatch:
+        """CLIP loss batch by batch, as in training; the normalised embeddings go on as rows, for
+        retrieval over the whole split."""
+        image, spectrum, scale = model(batch["image"], batch["spectrum"])
+        valid = batch["valid"]
+        n_valid = valid.sum()
+        loss = masked_clip_loss(clip_logits(image, spectrum, scale), valid)
+        return ValidationBatch(sums={"loss": (loss.double() * n_valid, n_valid)},
+                               rows={"image": F.normalize(image.float(), dim=-1),
+                                     "spectrum": F.normalize(spectrum.float(), dim=-1), "valid": valid})
+
+    def validation_metrics(self, totals: dict[str, tuple[torch.Tensor, float]],
+                           rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        loss, count = totals["loss"]
+        keep = rows["valid"].bool()
+        image_all, spectrum_all = rows["image"][keep], rows["spectrum"][keep]
+        metrics = {"loss": float(loss) / max(count, 1.0), "n_pairs": float(len(image_all))}
         for direction, (query, keys) in {"img2spec": (image_all, spectrum_all), "spec2img": (spectrum_all, image_all)}.items():
             hits = {1: 0.0, 5: 0.0}
             for start in range(0, len(query), 4096):  # bounded memory: 4096 x N similarities at a time

@@ -20,15 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset, metadata_statistics
 from fmb.models.astrom3.model import CLIP_PAIRS, AstroM3, AstroM3ModelConfig, trimodal_clip_loss
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
-from fmb.train.distributed import all_reduce_sum
-from fmb.train.loader import to_device
 
 log = logging.getLogger("fmb")
 
@@ -188,6 +186,9 @@ class AstroM3Trainer(BaseTrainer):
             emb = {name: out[name][valid] for name, _ in CLIP_PAIRS}
             if len(emb["photometry"]) < 2:
                 loss = out["scales"].sum() * 0.0 + sum(e.sum() for e in emb.values()) * 0.0
+                if evaluating:  # every batch reports the same names
+                    zero = torch.zeros((), dtype=torch.float64, device=valid.device)
+                    sums.update({name: zero for name in ("loss", *(f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS), "hits")})
                 return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(valid)), sums
             parts = trimodal_clip_loss(emb, out["scales"])
             loss = parts.pop("loss")
@@ -212,30 +213,23 @@ class AstroM3Trainer(BaseTrainer):
     def compute_loss(self, model: nn.Module, batch: Any) -> StepOutput:
         return self._step(model, batch, evaluating=False)[0]
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        clip = self.config.model.mode == "clip"
-        k = len(self.classes)
-        names = ["n", "masked", "loss"]
-        if clip:
-            names += [f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS] + ["hits"]
-        totals = {n: torch.zeros((), dtype=torch.float64, device=self.device) for n in names}
-        totals["confusion"] = torch.zeros(k * k, dtype=torch.float64, device=self.device)
-        for batch in loader:
-            batch = to_device(batch, self.device)
-            with self.autocast():
-                _, sums = self._step(model, batch, evaluating=True)
-            for name, value in sums.items():
-                totals[name] = totals[name] + value
-        packed = all_reduce_sum(torch.cat([totals[n].reshape(1) for n in names] + [totals["confusion"]]), self.dist)
-        values = dict(zip(names, packed[: len(names)].cpu().tolist(), strict=True))
-        n = max(values.pop("n"), 1.0)
-        metrics = {"masked": values.pop("masked")}
-        if clip:
-            metrics["retrieval_acc"] = values.pop("hits") / (n * 2 * len(CLIP_PAIRS))
-            metrics.update({name: value / n for name, value in values.items()})
+    def validation_step(self, model: nn.Module, batch: Any) -> dict[str, tuple[torch.Tensor, float]]:
+        _, sums = self._step(model, batch, evaluating=True)
+        return {name: (value, 1.0) for name, value in sums.items()}  # plain sums: validation_metrics divides
+
+    def validation_metrics(self, totals: dict[str, tuple[torch.Tensor, float]],
+                           rows: dict[str, torch.Tensor]) -> dict[str, float]:
+        values = {name: total for name, (total, _) in totals.items()}
+        n = max(float(values.pop("n")), 1.0)
+        metrics = {"masked": float(values.pop("masked"))}
+        if self.config.model.mode == "clip":
+            if "hits" in values:
+                metrics["retrieval_acc"] = float(values.pop("hits")) / (n * 2 * len(CLIP_PAIRS))
+            metrics.update({name: float(value) / n for name, value in values.items()})
             return metrics
-        metrics["loss"] = values["loss"] / n
-        self.last_confusion = packed[len(names):].cpu().numpy().reshape(k, k)
+        metrics["loss"] = float(values["loss"]) / n
+        k = len(self.classes)
+        self.last_confusion = values["confusion"].cpu().numpy().reshape(k, k)
         metrics.update(classification_metrics(self.last_confusion, self.classes))
         return metrics
 
