@@ -81,7 +81,9 @@ class ToyTrainer(BaseTrainer):
         if data.nan_from_step is not None and step >= data.nan_from_step and model.training:
             pred = pred * float("nan")
         loss = torch.mean((pred.float() - batch["y"]) ** 2)
-        return StepOutput(loss=loss, components={"mae": (pred.float() - batch["y"]).abs().mean()},
+        # A figure of the whole batch (like a contrastive loss): it depends on which objects share it.
+        spread = pred.float().std() if len(pred) > 1 else pred.float().sum() * 0.0
+        return StepOutput(loss=loss, components={"mae": (pred.float() - batch["y"]).abs().mean(), "spread": spread},
                           n_samples=len(batch["y"]))
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from fmb.errors import EXIT_OK, EXIT_RUNTIME, EXIT_STOPPED, FmbError
+from fmb.errors import EXIT_OK, EXIT_RUNTIME, FmbError
 from fmb.models import family_names, family_summaries
 
 app = typer.Typer(
@@ -107,9 +107,35 @@ def retrain(
     if no_progress:
         run_config.train.progress = False
     result = family.trainer(run_config).fit(resume=resume)
-    logging.getLogger("fmb").info(f"{result.status} at step {result.step}; run directory {result.run_dir}")
-    if result.status == "stopped":
-        raise typer.Exit(EXIT_STOPPED)
+    logging.getLogger("fmb").info(result.summary())
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+@app.command("status")
+def status_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (the --out of `fmb retrain`).")],
+) -> None:
+    """How the last run into RUN_DIR ended, exiting with its code: 0 completed, 75 stopped by a signal
+    (resume with --resume), 1 failed or crashed. Under torchrun, whose agent reports a graceful stop
+    of its workers as a failure, `torchrun ... -m fmb retrain ... --out R || fmb status R` gives 75."""
+    from fmb.train.rundir import exit_code_of, read_status
+
+    record = read_status(run_dir)
+    parts = [f"{run_dir}: {record.get('status')}", f"step {record.get('step')}"]
+    if record.get("checkpoint"):
+        parts.append(f"checkpoint {record['checkpoint']}")
+    if record.get("best"):
+        best = record["best"]
+        parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
+    if record.get("error"):
+        parts.append(f"error: {record['error']}")
+    if record.get("status") == "crashed":
+        parts.append("the process ended without a word (SIGKILL, out of memory?): resume with --resume")
+    typer.echo("; ".join(parts) + f" (updated {record.get('updated')})")
+    code = exit_code_of(record)
+    if code:
+        raise typer.Exit(code)
 
 
 @config_app.command("show")

@@ -66,9 +66,25 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM / SIGUSR1 to the main process. `scancel`, preemption and time
     limits signal every process of the job: a worker that died of it would take the run down before
     the main process could write its checkpoint. (An orphaned worker still exits: torch's watchdog
-    sees its parent go.)"""
+    sees its parent go.) Workers start with the signals blocked (see `Loader`), so one arriving
+    before this runs waits, and is then discarded."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers are forked with the stop signals blocked (the main process gets
+    them as soon as the workers exist)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0:
+            return super().__iter__()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def make_loader(
@@ -83,7 +99,7 @@ def make_loader(
     batch_sampler: Sampler | None = None,
 ) -> DataLoader:
     """The one way fmb builds a DataLoader (training, validation, embedding)."""
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         sampler=sampler,

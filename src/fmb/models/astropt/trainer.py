@@ -115,9 +115,12 @@ class AstroPTTrainer(BaseTrainer):
     config_cls = AstroPTConfig
     summary_keys = ("images", "spectra")
 
+    def check_config(self) -> None:
+        check_modalities(self.config.model, self.config.data)
+        model_shape(self.config.model)
+
     def prepare(self) -> None:
         data = self.config.data
-        check_modalities(self.config.model, data)
         if data.path is None and data.synthetic > 0:
             target = self.run_dir / "data"
             with self.main_process_first() as is_main:
