@@ -158,19 +158,86 @@ def test_patch_order_is_row_column_channel():
 
 def test_spectrum_cleaning_pads_trims_masks_and_guards_zero_spread():
     flux = np.array([1.0, np.nan, 3.0, np.inf, 5.0], np.float32)
-    values, valid = clean_spectrum({"flux": flux}, length=7)
+    values, valid = clean_spectrum({"flux": flux}, length=7, grid=5)  # the model input is longer than the grid
     assert valid.tolist() == [True, False, True, False, True, False, False]
     std = np.std([1.0, 3.0, 5.0])
     np.testing.assert_allclose(values[[0, 2, 4]], np.array([1.0, 3.0, 5.0]) / std, rtol=1e-6)
     assert values[1] == 0.0 and values[5] == 0.0
-    assert clean_spectrum({"flux": np.ones(10)}, length=10) is None  # zero spread
-    assert clean_spectrum({"flux": np.full(10, np.nan)}, length=10) is None
-    assert clean_spectrum(None) is None
-    trimmed, _ = clean_spectrum({"flux": np.arange(20.0)}, length=8)
+    with pytest.raises(DataError, match="flat"):
+        clean_spectrum({"flux": np.ones(10)}, length=10, grid=10)
+    with pytest.raises(DataError, match="0 finite flux values of 10"):
+        clean_spectrum({"flux": np.full(10, np.nan)}, length=10, grid=10)
+    assert clean_spectrum(None) is None and clean_spectrum({"flux": None, "wavelength": None}) is None
+    trimmed, _ = clean_spectrum({"flux": np.arange(20.0)}, length=8, grid=20)
     assert len(trimmed) == 8
     tokens, mask = spectrum_patches(values, valid, 3)
     assert tokens.shape == (3, 3) and mask.tolist() == [False, False, False]
     np.testing.assert_array_equal(inverse_variance(np.array([0.5, 0.0, np.nan, -1.0])), [4.0, 0.0, 0.0, 0.0])
+
+
+def test_spectra_off_the_desi_grid_say_what_is_wrong_or_are_resampled():
+    grid = 3600.0 + 0.8 * np.arange(7781)
+    rng = np.random.default_rng(0)
+    for pixels in (0, 5, 100, 20000):
+        with pytest.raises(DataError, match=rf"the spectrum has {pixels} pixels where the DESI grid has 7781"):
+            clean_spectrum({"flux": rng.normal(size=pixels)})
+    with pytest.raises(DataError, match="7781 flux values but 7000 wavelengths"):
+        clean_spectrum({"flux": rng.normal(size=7781), "wavelength": grid[:7000]})
+    shifted = {"flux": np.sin(grid / 50.0), "wavelength": grid + 100.0}
+    with pytest.raises(DataError, match=r"another grid \(3700.0-9924.0 A\).*data.resample_spectra=true"):
+        clean_spectrum(shifted)
+    coarse = {"flux": np.sin(grid[::4] / 50.0), "wavelength": grid[::4]}  # 1946 pixels of 3.2 A
+    values, valid = clean_spectrum(coarse, resample=True)
+    assert valid.sum() >= 7778  # the last pixels lie beyond the coarse spectrum's range
+    reference, _ = clean_spectrum({"flux": np.sin(grid / 50.0)})
+    np.testing.assert_allclose(values[valid], reference[valid], atol=0.02)
+    values, valid = clean_spectrum(shifted, resample=True)
+    assert not valid[:125].any() and valid[126:].all()  # below 3700 A the shifted spectrum has no data
+
+
+def test_unusable_modalities_become_faults_with_file_and_row(tmp_path, caplog):
+    table = synth.make_table(4, seed=1, image_size=16)
+    images = table.column("RGB_image").to_pylist()
+    images[1] = {"bytes": b"broken", "path": None}
+    images[3] = None  # absent: not a fault
+    spectra = table.column("spectrum").to_pylist()
+    spectra[2] = {**spectra[2], "flux": [float("nan")] * 7781}
+    spectra[0] = {"flux": [1.0] * 100, "wavelength": None, "error": None}
+    table = table.set_column(table.schema.get_field_index("RGB_image"), "RGB_image", pa.array(images, table.schema.field("RGB_image").type))
+    table = table.set_column(table.schema.get_field_index("spectrum"), "spectrum", pa.array(spectra, table.schema.field("spectrum").type))
+    pq.write_table(table, tmp_path / "x.parquet")
+    rows = open_split(str(tmp_path / "x.parquet"), "test", COLUMNS, None, 0.0, 0)
+    ds = EuclidDesiPatches(rows, [IMAGES, SPECTRA], 16, 7781)
+    ids = table.column("object_id").to_pylist()
+    with caplog.at_level("WARNING", logger="fmb"):
+        items = [ds[i] for i in range(4)]
+    assert not caplog.text  # nothing per row: the trainer reports the counts once per epoch
+    assert not items[1]["images_mask"].any() and not items[2]["spectra_mask"].any() and not items[0]["spectra_mask"].any()
+    assert f"object_id {ids[1]}, x.parquet row 1" in items[1]["fault_image"] and "6 bytes" in items[1]["fault_image"]
+    assert "BytesIO" not in items[1]["fault_image"]
+    assert "0 finite flux values" in items[2]["fault_spectrum"] and "row 2" in items[2]["fault_spectrum"]
+    assert "100 pixels where the DESI grid has 7781" in items[0]["fault_spectrum"]
+    assert items[3]["fault_image"] == "" and not items[3]["images_mask"].any()  # null image: just absent
+    assert [i["fault_spectrum"] == "" for i in items] == [False, True, False, True]
+
+
+def test_a_modality_broken_for_every_object_stops_the_run(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "data"
+    synth.write(data, 40, 0, image_size=16)
+    for file in (data / "data").glob("*.parquet"):
+        table = pq.read_table(file)
+        broken = pa.array([{"bytes": b"\x00" * 12, "path": None}] * table.num_rows, table.schema.field("RGB_image").type)
+        pq.write_table(table.set_column(table.schema.get_field_index("RGB_image"), "RGB_image", broken), file)
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(tmp_path / "run"),
+                           "--max-steps", "30", "--no-progress", "--set", f"data.path={data}", "--set", "data.image_size=16",
+                           "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+                           "--set", "train.num_workers=0", "--batch-size", "4")
+    assert code == 1
+    assert "training epoch 0: image is unusable for 28 of 28 samples (100%, more than train.max_unusable_fraction=0.05)" in err
+    assert "cannot decode image bytes (12 bytes" in err
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"data/unusable_image": 28, "data/unusable_spectrum": 0, "data/samples": 28} in [{k: v for k, v in r.items() if k.startswith("data/")}
+                                                                for r in records]
 
 
 def test_synthetic_file_has_the_real_schema_and_truth(dataset_dir):
@@ -218,25 +285,6 @@ def test_dataset_items_masks_and_splits(dataset_dir):
     present = [it for it in items if it["spectra_mask"].any()]
     assert absent and present  # the generator leaves some rows without a spectrum
     assert all(it["spectra"].abs().sum() == 0 for it in absent)
-
-
-def test_bad_rows_are_skipped_per_modality_with_their_id(tmp_path, caplog):
-    table = synth.make_table(4, seed=1, image_size=16)
-    images = table.column("RGB_image").to_pylist()
-    images[1] = {"bytes": b"broken", "path": None}
-    spectra = table.column("spectrum").to_pylist()
-    spectra[2] = {"flux": [float("nan")] * 7781, "wavelength": [0.0] * 7781, "error": [0.0] * 7781}
-    table = table.set_column(table.schema.get_field_index("RGB_image"), "RGB_image", pa.array(images, table.schema.field("RGB_image").type))
-    table = table.set_column(table.schema.get_field_index("spectrum"), "spectrum", pa.array(spectra, table.schema.field("spectrum").type))
-    pq.write_table(table, tmp_path / "x.parquet")
-    rows = open_split(str(tmp_path / "x.parquet"), "test", COLUMNS, None, 0.0, 0)
-    ds = EuclidDesiPatches(rows, [IMAGES, SPECTRA], 16, 7781)
-    with caplog.at_level("WARNING", logger="fmb"):
-        broken_image, nan_spectrum = ds[1], ds[2]
-    assert not broken_image["images_mask"].any() and not nan_spectrum["spectra_mask"].any()
-    ids = table.column("object_id").to_pylist()
-    assert f"object_id {ids[1]}" in caplog.text and "image skipped" in caplog.text
-    assert f"object_id {ids[2]}" in caplog.text and "spectrum skipped" in caplog.text
 
 
 def test_missing_column_names_file_and_column(tmp_path):

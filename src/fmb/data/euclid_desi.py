@@ -24,6 +24,7 @@ from fmb.errors import ConfigError, DataError
 log = logging.getLogger("fmb")
 
 DESI_PIXELS = 7781
+DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid (Angstrom)
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
 # Per-band zero points (Jy) for the flux conversion factor ZP_nu / 3631.
 EUCLID_ZERO_POINTS = {"VIS_image": 2835.34, "NISP_Y_image": 1916.10, "NISP_J_image": 1370.25, "NISP_H_image": 918.35}
@@ -128,25 +129,68 @@ def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
     return image
 
 
-def clean_spectrum(spectrum: dict | None, length: int = DESI_PIXELS) -> tuple[np.ndarray, np.ndarray] | None:
-    """DESI flux padded/trimmed to `length`, divided by its standard deviation, with a validity mask.
+def desi_flux(spectrum: dict | None, grid: int = DESI_PIXELS, resample: bool = False) -> np.ndarray | None:
+    """The flux of a `spectrum` struct on the survey's grid (float64, NaN where not finite); None when
+    the object has no spectrum (null), the normal case for part of the sample.
 
-    Non-finite pixels become 0 and invalid. Returns None when there is no usable spectrum
-    (null, empty, all non-finite, or zero spread).
+    The spectrum must be on the grid: `grid` pixels (the DESI coadd, 3600-9824 A in 0.8 A steps), and
+    when wavelengths are given they must be that grid. With `resample`, a spectrum with its own
+    wavelengths is interpolated onto the grid instead (pixels outside its range invalid). A present
+    but unusable spectrum raises DataError saying exactly what is wrong.
     """
     if spectrum is None or spectrum.get("flux") is None:
         return None
-    flux = np.asarray(spectrum["flux"], dtype=np.float32)[:length]
-    valid = np.isfinite(flux)
-    if len(flux) < length:
-        flux = np.pad(flux, (0, length - len(flux)))
-        valid = np.pad(valid, (0, length - len(valid)))
-    if valid.sum() < 2:
+    flux = np.asarray(spectrum["flux"], dtype=np.float64).reshape(-1)
+    wavelength = spectrum.get("wavelength")
+    if wavelength is not None:
+        wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
+        if len(wavelength) != len(flux):
+            raise DataError(f"the spectrum has {len(flux)} flux values but {len(wavelength)} wavelengths")
+    expected = DESI_WAVELENGTH if grid == DESI_PIXELS else None
+    on_grid = len(flux) == grid and (wavelength is None or expected is None or not len(flux)
+                                     or float(np.nanmax(np.abs(wavelength - expected))) < 0.05)
+    if not on_grid:
+        if resample and wavelength is not None and expected is not None:
+            flux = _onto_grid(wavelength, flux, expected)
+        else:
+            what = f"{len(flux)} pixels" if len(flux) != grid else "the same number of pixels on another grid"
+            if wavelength is not None and np.isfinite(wavelength).any():
+                what += f" ({np.nanmin(wavelength):.1f}-{np.nanmax(wavelength):.1f} A)"
+            fix = " (data.resample_spectra=true interpolates spectra that carry their wavelengths)" if wavelength is not None else ""
+            raise DataError(f"the spectrum has {what} where the DESI grid has {grid} pixels, 3600-9824 A in 0.8 A steps{fix}")
+    flux = np.where(np.isfinite(flux), flux, np.nan)
+    finite = int(np.isfinite(flux).sum())
+    if finite < 2:
+        raise DataError(f"the spectrum has {finite} finite flux values of {len(flux)}")
+    return flux
+
+
+def clean_spectrum(spectrum: dict | None, length: int = DESI_PIXELS, grid: int = DESI_PIXELS,
+                   resample: bool = False) -> tuple[np.ndarray, np.ndarray] | None:
+    """AstroPT's spectrum input: `desi_flux`, divided by its standard deviation, cut or zero-padded to
+    `length` (the model's input), with a validity mask (non-finite pixels 0 and invalid)."""
+    flux = desi_flux(spectrum, grid, resample)
+    if flux is None:
         return None
+    valid = np.isfinite(flux)
     std = float(flux[valid].std())
     if not np.isfinite(std) or std <= 0.0:
-        return None
-    return np.where(valid, flux / std, 0.0).astype(np.float32), valid
+        raise DataError("the spectrum is flat (zero spread of its finite flux)")
+    values = np.where(valid, flux / std, 0.0).astype(np.float32)[:length]
+    valid = valid[:length]
+    if len(values) < length:
+        values, valid = np.pad(values, (0, length - len(values))), np.pad(valid, (0, length - len(valid)))
+    return values, valid
+
+
+def _onto_grid(wavelength: np.ndarray, flux: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of the finite pixels onto `grid`; NaN outside the spectrum's range."""
+    good = np.isfinite(wavelength) & np.isfinite(flux)
+    order = np.argsort(wavelength[good])
+    x, y = wavelength[good][order], flux[good][order]
+    if len(x) < 2:
+        return np.full(len(grid), np.nan)
+    return np.interp(grid, x, y, left=np.nan, right=np.nan)
 
 
 def inverse_variance(error: np.ndarray) -> np.ndarray:

@@ -45,8 +45,11 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot decode image bytes: {exc}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image bytes ({len(data)} bytes starting {data[:8]!r}): not an image format "
+                        "Pillow reads") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # a known format, damaged
+        raise DataError(f"cannot decode image bytes ({len(data)} bytes): {exc}") from None
 
 
 def _decode_unfiltered_png(data: bytes) -> np.ndarray | None:

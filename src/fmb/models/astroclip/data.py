@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import DESI_PIXELS, SplitRows, rgb_tensor
+from fmb.data.euclid_desi import DESI_PIXELS, SplitRows, desi_flux, rgb_tensor
 from fmb.data.hdf5 import HDF5Source
 from fmb.errors import DataError
 
@@ -130,47 +130,50 @@ class EuclidDesiPairs(_Augmented):
     """Euclid RGB images and DESI spectra from the Euclid + DESI matched sample."""
 
     def __init__(self, rows: SplitRows, image_size: int, spectrum_length: int = DESI_PIXELS,
-                 augment: bool = False, seed: int = 0, images: bool = True) -> None:
+                 augment: bool = False, seed: int = 0, images: bool = True, resample_spectra: bool = False) -> None:
         super().__init__(augment, seed)
         self.rows = rows
         self.image_size = image_size
         self.spectrum_length = spectrum_length
         self.images = images
+        self.resample_spectra = resample_spectra
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
+        """Image and spectrum of one object; `valid` when both are usable (the contrastive pair). A
+        modality present but unusable is a data fault (`fault_image`, `fault_spectrum`, with the file
+        and row), counted by the trainer; a null one is simply absent."""
         row = self.rows.row(index)
         object_id = int(row["object_id"])
-        spectrum, valid = self._spectrum(row["spectrum"], object_id, index)
+        where = f"object_id {object_id}, {self.rows.where(index)}"
         item = {
-            "spectrum": torch.from_numpy(spectrum),
             "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
             "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
             "object_id": torch.tensor(object_id, dtype=torch.int64),
+            "fault_spectrum": "",
         }
+        try:
+            flux = desi_flux(row["spectrum"], resample=self.resample_spectra)
+        except DataError as exc:
+            item["fault_spectrum"] = f"{exc} ({where})"
+            flux = None
+        valid = flux is not None
+        spectrum = np.zeros(self.spectrum_length, dtype=np.float32)
+        if flux is not None:
+            # Bad pixels take the object's mean flux, so they do not move its standardisation much.
+            filled = np.where(np.isfinite(flux), flux, np.nanmean(flux))[: self.spectrum_length]
+            spectrum[: len(filled)] = filled
+        item["spectrum"] = torch.from_numpy(spectrum)
         if self.images:
+            item["fault_image"] = ""
             try:
                 image = self.maybe_augment(rgb_tensor(row["RGB_image"], self.image_size), index).contiguous()
             except DataError as exc:
-                log.warning(f"object_id {object_id} ({self.rows.where(index)}): image skipped: {exc}")
+                if row["RGB_image"] is not None:
+                    item["fault_image"] = f"{exc} ({where})"
                 image, valid = torch.zeros(3, self.image_size, self.image_size), False
             item["image"] = image
         item["valid"] = torch.tensor(valid)
         return item
-
-    def _spectrum(self, spectrum: dict | None, object_id: int, index: int) -> tuple[np.ndarray, bool]:
-        empty = np.zeros(self.spectrum_length, dtype=np.float32)
-        if spectrum is None or spectrum.get("flux") is None:
-            return empty, False
-        flux = np.asarray(spectrum["flux"], dtype=np.float32)
-        if flux.shape != (self.spectrum_length,):
-            raise DataError(f"object_id {object_id} ({self.rows.where(index)}): field 'spectrum.flux' has "
-                            f"{flux.size} pixels, expected {self.spectrum_length}")
-        finite = np.isfinite(flux)
-        if finite.sum() < 2:
-            log.warning(f"object_id {object_id} ({self.rows.where(index)}): spectrum skipped (no finite flux)")
-            return empty, False
-        # Bad pixels take the object's mean flux, so they do not move its standardisation much.
-        return np.where(finite, flux, flux[finite].mean()).astype(np.float32), True

@@ -41,7 +41,7 @@ def _dataset(config: AstroCLIPConfig, path: str, split: str, named: bool) -> tor
                           data.train_split)
     else:
         rows = open_split(path, split, EUCLID_COLUMNS, None, 0.0, 0)
-    return EuclidDesiPairs(rows, data.image_size, data.spectrum_length)
+    return EuclidDesiPairs(rows, data.image_size, data.spectrum_length, resample_spectra=data.resample_spectra)
 
 
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:

@@ -85,6 +85,7 @@ class AstroCLIPDataConfig:
     path: str | None = None  # HDF5 file, or Euclid+DESI parquet shards / save_to_disk directory
     image_size: int = 144  # pixels the encoder sees: HDF5 centre crop, Euclid RGB resize
     spectrum_length: int = DESI_PIXELS
+    resample_spectra: bool = False  # euclid_desi: interpolate spectra whose wavelengths are not the DESI grid
     augment: bool = True  # flips and 90-degree rotations of training images
     train_fraction: float = 0.8  # hdf5: first part of every group is train, the rest validation
     train_split: str = "train"  # euclid_desi
@@ -216,7 +217,7 @@ class _DataMixin:
         rows = open_split(data.path, split, EUCLID_COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
                           data.train_split)
         return EuclidDesiPairs(rows, data.image_size, data.spectrum_length, augment=training and data.augment,
-                               seed=self.cfg.seed, images=images)
+                               seed=self.cfg.seed, images=images, resample_spectra=data.resample_spectra)
 
 
 # ----------------------------------------------------------------------------- AstroCLIP

@@ -3,8 +3,9 @@
 Image: decoded, resized to `image_size`, scaled to [0, 1], cut into patch x patch x 3 tokens
 flattened in (row, column, channel) order. Spectrum: cleaned (see fmb.data.euclid_desi), cut
 into patches of `patch_size` pixels. Each modality carries a token mask, so an object with no
-usable spectrum (or a broken image) still trains on its other modality without misaligning
-the batch; the skip is logged with the object id.
+spectrum (or a broken image) still trains on its other modality without misaligning the batch.
+A modality that is present but unusable is reported as a data fault (`fault_image`,
+`fault_spectrum`: what is wrong, with the file and row), counted and checked by the trainer.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple
 
 class EuclidDesiPatches(Dataset):
     def __init__(self, rows: SplitRows, modalities: list[Modality], image_size: int, spectrum_length: int,
-                 extra_columns: tuple[str, ...] = ()) -> None:
+                 extra_columns: tuple[str, ...] = (), resample_spectra: bool = False) -> None:
         self.rows = rows
+        self.resample_spectra = resample_spectra
         self.extra_columns = extra_columns  # scalar columns passed through (latent truth, for embeddings)
         self.modalities = {m.name: m for m in modalities}
         self.image_size = image_size
@@ -71,22 +73,30 @@ class EuclidDesiPatches(Dataset):
             "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
         }
         item.update(scalar_values(row, self.extra_columns))
+        where = f"object_id {object_id}, {self.rows.where(i)}"
         if "images" in self.modalities:
             patch = self.modalities["images"].patch_size
+            item["fault_image"] = ""
             try:
                 tokens = image_patches(rgb_tensor(row["RGB_image"], self.image_size), patch)
                 mask = torch.ones(len(tokens), dtype=torch.bool)
             except DataError as exc:
-                log.warning(f"object_id {object_id} ({self.rows.where(i)}): image skipped: {exc}")
+                if row["RGB_image"] is not None:  # present but unusable; a null image is simply absent
+                    item["fault_image"] = f"{exc} ({where})"
+                    log.debug(f"{where}: image skipped: {exc}")
                 tokens = torch.zeros(self.image_tokens, patch * patch * 3)
                 mask = torch.zeros(self.image_tokens, dtype=torch.bool)
             item["images"], item["images_mask"] = tokens, mask
         if "spectra" in self.modalities:
             spec = self.modalities["spectra"]
-            cleaned = clean_spectrum(row["spectrum"], self.spectrum_length)
+            item["fault_spectrum"] = ""
+            try:
+                cleaned = clean_spectrum(row["spectrum"], self.spectrum_length, resample=self.resample_spectra)
+            except DataError as exc:
+                item["fault_spectrum"] = f"{exc} ({where})"
+                log.debug(f"{where}: spectrum skipped: {exc}")
+                cleaned = None
             if cleaned is None:
-                if row["spectrum"] is not None:
-                    log.warning(f"object_id {object_id} ({self.rows.where(i)}): spectrum skipped (all NaN or flat)")
                 tokens = torch.zeros(self.spectrum_tokens, spec.patch_size)
                 mask = torch.zeros(self.spectrum_tokens, dtype=torch.bool)
             else:

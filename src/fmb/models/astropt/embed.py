@@ -36,7 +36,8 @@ def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]
 
     data_cfg = config.data
     rows, truth = embedding_rows(data, options.get("split"), COLUMNS, data_cfg, config.train.seed)
-    dataset = EuclidDesiPatches(rows, config.model.modalities, data_cfg.image_size, data_cfg.spectrum_length, tuple(truth))
+    dataset = EuclidDesiPatches(rows, config.model.modalities, data_cfg.image_size, data_cfg.spectrum_length, tuple(truth),
+                                data_cfg.resample_spectra)
     writer = EmbeddingWriter(out)
     remaining = Subset(dataset, range(writer.rows_done, len(dataset)))
     loader = DataLoader(remaining, batch_size=options.get("batch_size", 64), num_workers=options.get("num_workers", 2),

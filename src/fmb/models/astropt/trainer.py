@@ -53,6 +53,7 @@ class AstroPTDataConfig:
     val_fraction: float = 0.05
     image_size: int = 224
     spectrum_length: int = DESI_PIXELS
+    resample_spectra: bool = False  # interpolate spectra whose wavelengths are not the DESI grid (else a data fault)
     synthetic: int = 0  # > 0: write this many synthetic objects under <out>/data and train on them
 
 
@@ -149,7 +150,8 @@ class AstroPTTrainer(BaseTrainer):
     def datasets_for(self, split: str) -> EuclidDesiPatches:
         data = self.config.data
         rows = open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed, data.train_split)
-        return EuclidDesiPatches(rows, self.config.model.modalities, data.image_size, data.spectrum_length)
+        return EuclidDesiPatches(rows, self.config.model.modalities, data.image_size, data.spectrum_length,
+                                 resample_spectra=data.resample_spectra)
 
     def build_datasets(self):
         return self.datasets_for("train"), self.datasets_for("validation")
