@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fmb.data.synth import chunk_bounds
 from fmb.data.synth import galaxies as gal
 
 FILE_NAME = "astroclip_desi.h5"
@@ -24,6 +25,7 @@ PSF_SIGMA_PX = {"g": 2.3, "r": 2.1, "z": 2.0}
 FLUX_TO_NANOMAGGIES = 60.0
 SKY_SIGMA_NANOMAGGIES = 0.004  # per pixel
 MAX_GROUPS = 10
+IMAGE_CHUNK = 64  # objects at a time: a 152 x 152 x 3 cutout and its float64 intermediates are ~1 MB each
 
 
 def make_group(n: int, rng: np.random.Generator, image_size: int) -> dict[str, np.ndarray]:
@@ -44,8 +46,9 @@ def make_group(n: int, rng: np.random.Generator, image_size: int) -> dict[str, n
     }
 
 
-def write(out_dir: Path, n: int, seed: int, image_size: int = 152) -> Path:
-    """Write `n` objects to `out_dir/astroclip_desi.h5` in up to 10 groups; returns the file path."""
+def write(out_dir: Path, n: int, seed: int, image_size: int = 152, chunk: int = IMAGE_CHUNK) -> Path:
+    """Write `n` objects to `out_dir/astroclip_desi.h5` in up to 10 groups, `chunk` at a time; returns
+    the file path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
@@ -58,8 +61,12 @@ def write(out_dir: Path, n: int, seed: int, image_size: int = 152) -> Path:
     with h5py.File(tmp, "w") as handle:
         for index, size in enumerate(sizes):
             group = handle.create_group(f"{index}")
-            for name, values in make_group(int(size), rng, image_size).items():
-                group.create_dataset(name, data=values, chunks=(1, *values.shape[1:]) if values.ndim > 1 else None)
+            for start, end in chunk_bounds(0, int(size), chunk):
+                for name, values in make_group(end - start, rng, image_size).items():
+                    if name not in group:
+                        group.create_dataset(name, shape=(int(size), *values.shape[1:]), dtype=values.dtype,
+                                             chunks=(1, *values.shape[1:]) if values.ndim > 1 else None)
+                    group[name][start:end] = values
             group.create_dataset("targetid", data=np.int64(39_627_000_000_000_000) + first + np.arange(size, dtype=np.int64))
             first += int(size)
     tmp.replace(path)

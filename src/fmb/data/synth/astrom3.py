@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
 from fmb.models.astrom3.data import METADATA_NAMES
 
 # name: (share of the real train split, period range [d], amplitude range [mag], light-curve
@@ -158,15 +158,33 @@ def nested(rows: list[np.ndarray]) -> pa.Array:
     return pa.ListArray.from_arrays(points, inner)
 
 
-def write(out_dir: Path, n: int, seed: int) -> Path:
+SCHEMA = pa.schema([
+    ("object_id", pa.int64()), ("photometry", pa.list_(pa.list_(pa.float32()))),
+    ("spectra", pa.list_(pa.list_(pa.float32()))), ("metadata", pa.list_(pa.float32())), ("label", pa.string()),
+    *[(key, pa.float64()) for key in ("true_period", "true_amplitude", "teff", "distance_pc")],
+])
+
+
+def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK) -> Path:
+    """Write `n` objects (80/10/10 train/validation/test), `chunk` at a time."""
     rng = np.random.default_rng(seed)
     names = list(CLASS_TABLE)
     shares = np.array([CLASS_TABLE[c][0] for c in names], dtype=np.float64)
     labels = rng.choice(len(names), size=n, p=shares / shares.sum())
-    columns: dict[str, list] = {key: [] for key in ("object_id", "photometry", "spectra", "metadata", "label",
-                                                    "true_period", "true_amplitude", "teff", "distance_pc")}
-    for i, index in enumerate(labels):
-        name = names[index]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bounds = np.cumsum([0] + [int(round(f * n)) for _, f in SPLITS[:-1]] + [n])
+    bounds[-1] = n
+    for (split, _), lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+        tables = (_objects([names[i] for i in labels[a:b]], a, rng) for a, b in chunk_bounds(int(lo), int(max(lo, hi)), chunk))
+        write_parquet(out_dir / f"{split}-00000-of-00001.parquet", tables, SCHEMA, ROW_GROUP)
+    return out_dir
+
+
+def _objects(classes: list[str], first: int, rng: np.random.Generator) -> pa.Table:
+    """The rows of objects `first`, `first + 1`, ... of the given classes."""
+    columns: dict[str, list] = {field.name: [] for field in SCHEMA}
+    for i, name in enumerate(classes):
         _, periods, amplitudes, shape, teffs, abs_mags = CLASS_TABLE[name]
         period = float(np.exp(rng.uniform(*np.log(periods))))
         amplitude = float(rng.uniform(*amplitudes))
@@ -174,7 +192,7 @@ def write(out_dir: Path, n: int, seed: int) -> Path:
         vmag = float(rng.uniform(10.0, 16.0))
         extinction = float(rng.uniform(0.0, 1.0))
         distance = float(10 ** ((vmag - rng.uniform(*abs_mags) - extinction) / 5 + 1))
-        columns["object_id"].append(100000 + i)
+        columns["object_id"].append(100000 + first + i)
         columns["photometry"].append(light_curve(shape, period, amplitude, vmag, rng))
         columns["spectra"].append(spectrum(teff, vmag, rng))
         columns["metadata"].append(metadata(name, teff, vmag, distance, period, amplitude, rng))
@@ -183,21 +201,11 @@ def write(out_dir: Path, n: int, seed: int) -> Path:
         columns["true_amplitude"].append(amplitude)
         columns["teff"].append(teff)
         columns["distance_pc"].append(distance)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    bounds = np.cumsum([0] + [int(round(f * n)) for _, f in SPLITS[:-1]] + [n])
-    bounds[-1] = n
-    for (split, _), lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
-        part = slice(int(lo), int(max(lo, hi)))
-        table = pa.table({
-            "object_id": pa.array(columns["object_id"][part], pa.int64()),
-            "photometry": nested(columns["photometry"][part]) if hi > lo else pa.array([], pa.list_(pa.list_(pa.float32()))),
-            "spectra": nested(columns["spectra"][part]) if hi > lo else pa.array([], pa.list_(pa.list_(pa.float32()))),
-            "metadata": pa.array([m.tolist() for m in columns["metadata"][part]], pa.list_(pa.float32())),
-            "label": pa.array(columns["label"][part], pa.string()),
-            **{key: pa.array(columns[key][part], pa.float64())
-               for key in ("true_period", "true_amplitude", "teff", "distance_pc")},
-        })
-        pq.write_table(table, out_dir / f"{split}-00000-of-00001.parquet", row_group_size=ROW_GROUP)
-    return out_dir
+    return pa.table({
+        "object_id": pa.array(columns["object_id"], pa.int64()),
+        "photometry": nested(columns["photometry"]),
+        "spectra": nested(columns["spectra"]),
+        "metadata": pa.array([m.tolist() for m in columns["metadata"]], pa.list_(pa.float32())),
+        "label": pa.array(columns["label"], pa.string()),
+        **{key: pa.array(columns[key], pa.float64()) for key in ("true_period", "true_amplitude", "teff", "distance_pc")},
+    })

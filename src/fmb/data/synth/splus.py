@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
 
 # Catalogue band names (mag_pstotal_<b>) and their cutout names (splus_cut_<BAND>), in
 # wavelength order, with central wavelengths in Angstrom.
@@ -47,21 +48,22 @@ P_VISTA = 0.3
 P_MAG_NULL = 0.03
 
 
-def write(out_dir: Path, n: int, seed: int) -> Path:
-    """Write `n` sources spread over a few `datacube_<FIELD>.parquet` files; returns the directory."""
+def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK) -> Path:
+    """Write `n` sources spread over a few `datacube_<FIELD>.parquet` files, `chunk` rows at a time;
+    returns the directory."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, n, min(FIELDS, n) + 1).astype(int)
     for k in range(len(bounds) - 1):
         field = f"SYN{seed % 1000:03d}-{k + 1:04d}"
-        table = field_table(field, bounds[k + 1] - bounds[k], rng)
-        pq.write_table(table, out_dir / f"datacube_{field}.parquet", row_group_size=256)
+        tables = (field_table(field, end - first, rng, first) for first, end in chunk_bounds(0, bounds[k + 1] - bounds[k], chunk))
+        write_parquet(out_dir / f"datacube_{field}.parquet", tables, None, 256)
     return out_dir
 
 
-def field_table(field: str, n: int, rng: np.random.Generator) -> pa.Table:
-    """One field's hypercube table with `n` rows."""
+def field_table(field: str, n: int, rng: np.random.Generator, first: int = 0) -> pa.Table:
+    """`n` rows of one field's hypercube table, from source number `first` on."""
     cls = rng.choice(len(CLASSES), size=n, p=[0.3, 0.6, 0.1])
     z = np.where(cls == 0, 0.0, np.where(cls == 1, rng.gamma(2.0, 0.15, n), rng.uniform(0.5, 3.0, n)))
     z = np.clip(z, 0.0, 4.0)
@@ -72,7 +74,7 @@ def field_table(field: str, n: int, rng: np.random.Generator) -> pa.Table:
     mags_obs = mags + errs * rng.standard_normal(mags.shape)
 
     cols: dict[str, pa.Array] = {
-        "id": pa.array([f"iDR6_{field}_{i:06d}" for i in range(n)]),
+        "id": pa.array([f"iDR6_{field}_{first + i:06d}" for i in range(n)]),
         "ra": pa.array(rng.uniform(0.0, 360.0, n)),
         "dec": pa.array(rng.uniform(-60.0, 10.0, n)),
     }

@@ -1,0 +1,30 @@
+"""Synthetic generators write in chunks: memory does not grow with the number of objects."""
+
+from __future__ import annotations
+
+import importlib
+import tracemalloc
+
+import pyarrow.parquet as pq
+import pytest
+
+OPTIONS = {"astrom3": {}, "splus": {}, "astroclip": {"image_size": 32}}
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIONS))
+def test_generators_write_in_chunks_with_flat_memory(tmp_path, kind):
+    module = importlib.import_module(f"fmb.data.synth.{kind}")
+
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        try:
+            module.write(tmp_path / str(n), n, 0, chunk=8, **OPTIONS[kind])
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(48), peak(240)  # 3 fields x 16 and x 80 objects: the same chunks of 8
+    assert large < 1.5 * small, (small, large)  # 5x the objects, not 5x the memory
+    if kind != "astroclip":
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "240").glob("*.parquet"))
+        assert rows == 240
