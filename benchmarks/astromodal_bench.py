@@ -19,14 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fmb.data.surveys.splus import read_fields, scalar_matrix
 from fmb.data.synth.splus import write
-from fmb.models.astromodal.data import (
-    SequenceDataset,
-    TokenShards,
-    collate_sequences,
-    read_fields,
-    scalar_matrix,
-)
+from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
 from fmb.models.astromodal.kmeans import fit_kmeans
 from fmb.models.astromodal.model import (
     AstromodalModelConfig,

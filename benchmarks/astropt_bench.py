@@ -54,7 +54,7 @@ def timed_steps(step, steps: int, device: torch.device) -> float:
 def loader_throughput(samples: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
-    from fmb.data.euclid_desi import open_split
+    from fmb.data.surveys.euclid_desi import open_split
     from fmb.data.synth.euclid_desi import write
     from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, open_split
+from fmb.data.surveys.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, open_split
 from fmb.data.synth import euclid_desi as synth
 from fmb.data.synth import hsc
 from fmb.errors import CheckpointError, ConfigError, DataError

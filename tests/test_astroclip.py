@@ -285,7 +285,7 @@ def test_bad_hdf5_input_names_file_and_field(tmp_path):
 
 
 def test_euclid_desi_pairs_keep_objects_without_spectra(tmp_path):
-    from fmb.data.euclid_desi import open_split
+    from fmb.data.surveys.euclid_desi import open_split
 
     synth_euclid.write(tmp_path, 60, seed=2, image_size=24)
     rows = open_split(str(tmp_path / "data"), "train", ["object_id", "targetid", "redshift", "RGB_image", "spectrum"],

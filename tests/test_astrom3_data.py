@@ -8,11 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fmb.data.surveys.astrom3 import CLASSES, METADATA_NAMES
 from fmb.data.synth import write_synthetic
 from fmb.errors import DataError
 from fmb.models.astrom3.data import (
-    CLASSES,
-    METADATA_NAMES,
     WAVELENGTH_GRID,
     AstroM3Dataset,
     BadRow,

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fmb.data.surveys.splus import Selection, cutout_stack, read_fields
 from fmb.data.synth import splus
 from fmb.errors import ConfigError, DataError
 from fmb.models.astromodal.data import (
@@ -19,13 +20,10 @@ from fmb.models.astromodal.data import (
     MISS,
     PAD,
     SEP,
-    Selection,
     SequenceDataset,
     TokenShards,
     Vocabulary,
     collate_sequences,
-    cutout_stack,
-    read_fields,
 )
 from fmb.models.astromodal.kmeans import fit_kmeans, nearest
 from fmb.models.astromodal.model import (

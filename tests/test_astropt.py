@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmb.data.euclid_desi import clean_spectrum, inverse_variance, open_split
 from fmb.data.images import decode_image, encode_png
+from fmb.data.surveys.euclid_desi import clean_spectrum, inverse_variance, open_split
 from fmb.data.synth import euclid_desi as synth
 from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.models.astropt.convert import convert, map_key

@@ -154,7 +154,7 @@ def test_holdout_is_stable_and_close_to_fraction():
 
 
 def test_block_shuffle_reads_each_row_group_in_one_window(tmp_path):
-    from fmb.data.euclid_desi import open_split
+    from fmb.data.surveys.euclid_desi import open_split
     from fmb.train.loader import ResumableSampler
 
     pq.write_table(make_table(100), tmp_path / "train-00000-of-00001.parquet", row_group_size=10)

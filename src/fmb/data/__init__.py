@@ -1,1 +1,2 @@
-"""Data foundation: readers for the real formats and synthetic generators writing those formats."""
+"""Data foundation: file formats (tables, HDF5, images), survey schemas and readers (`surveys`), hold-out
+splits, and synthetic generators writing the survey formats (`synth`)."""

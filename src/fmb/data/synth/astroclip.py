@@ -14,11 +14,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from fmb.data.surveys.astroclip import BANDS, FILE_NAME
 from fmb.data.synth import chunk_bounds
 from fmb.data.synth import galaxies as gal
 
-FILE_NAME = "astroclip_desi.h5"
-BANDS = ("g", "r", "z")
 PIXEL_SCALE_ARCSEC = 0.262  # Legacy Survey DR9
 PSF_SIGMA_PX = {"g": 2.3, "r": 2.1, "z": 2.0}
 # f_lambda band means -> nanomaggies: a bright synthetic galaxy is tens of nanomaggies.

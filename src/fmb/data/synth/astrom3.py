@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from fmb.data.surveys.astrom3 import METADATA_NAMES
 from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
-from fmb.models.astrom3.data import METADATA_NAMES
 
 # name: (share of the real train split, period range [d], amplitude range [mag], light-curve
 # shape, Teff range [K], absolute V magnitude range)

@@ -18,25 +18,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
-
-# Catalogue band names (mag_pstotal_<b>) and their cutout names (splus_cut_<BAND>), in
-# wavelength order, with central wavelengths in Angstrom.
-BANDS = ("u", "j0378", "j0395", "j0410", "j0430", "g", "j0515", "r", "j0660", "i", "j0861", "z")
-CUTOUT_BANDS = ("U", "F378", "F395", "F410", "F430", "G", "F515", "R", "F660", "I", "F861", "Z")
-BAND_WAVELENGTHS = (3536, 3770, 3940, 4094, 4292, 4751, 5133, 6258, 6614, 7690, 8611, 8831)
-MORPHOLOGY = ("ellipticity_det", "elongation_det", "a_pixel_det", "b_pixel_det", "theta_det", "fwhm_n_det")
-GAIA_SCALARS = (
-    "parallax", "parallax_error", "pmra", "pmra_error", "pmdec", "pmdec_error",
-    "phot_g_mean_flux", "phot_g_mean_flux_error", "phot_bp_mean_flux", "phot_bp_mean_flux_error",
-    "phot_rp_mean_flux", "phot_rp_mean_flux_error", "teff_gspphot", "logg_gspphot", "mh_gspphot",
+from fmb.data.surveys.splus import (
+    BAND_WAVELENGTHS,
+    BANDS,
+    CLASSES,
+    CUTOUT_BANDS,
+    CUTOUT_SIZE,
+    DESI_ARMS,
+    GAIA_SCALARS,
+    MORPHOLOGY,
+    VISTA_BANDS,
+    XP_COEFFICIENTS,
 )
-XP_COEFFICIENTS = 55
-VISTA_BANDS = ("y", "j", "h", "ks")
-# DESI arms: (first wavelength, last wavelength) on the 0.8 Angstrom grid.
-DESI_ARMS = {"b": (3600.0, 5930.0), "r": (5660.0, 7720.0), "z": (7420.0, 9824.0)}
-CUTOUT_SIZE = 96
-CLASSES = ("star", "galaxy", "qso")
+from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
 
 # Fractions of rows with each match (the real fields have Gaia ~10%, DESI ~3%, spec-z ~6%;
 # DESI and cutouts are a little more common here so that a small demo sees enough of them).

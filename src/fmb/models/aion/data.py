@@ -1,6 +1,6 @@
 """Euclid band cutouts (VIS, NISP Y, J, H) of the Euclid + DESI sample as 4 x 96 x 96 flux tensors.
 
-Per band: the 2-D array is multiplied by ZP_nu / 3631 (fmb.data.euclid_desi.EUCLID_ZERO_POINTS),
+Per band: the 2-D array is multiplied by ZP_nu / 3631 (fmb.data.surveys.euclid_desi.EUCLID_ZERO_POINTS),
 non-finite pixels become 0 and are masked out of the loss, and the cutout is brought to 96 x 96
 (`resize`: antialiased bilinear, any input size; `crop`: centre crop, inputs must be >= 96). A band
 that is missing or entirely non-finite is an error naming the file, row, column and object.
@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, SplitRows, scalar_values
+from fmb.data.surveys.euclid_desi import (
+    EUCLID_BAND_COLUMNS,
+    EUCLID_ZERO_POINTS,
+    SplitRows,
+    scalar_values,
+)
 from fmb.errors import DataError
 
 COLUMNS = ["object_id", *EUCLID_BAND_COLUMNS]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fmb.data.euclid_desi import embedding_rows
+from fmb.data.surveys.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands
 from fmb.models.aion.model import HSC_BANDS, AionImageCodec

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, open_split
+from fmb.data.surveys.euclid_desi import EUCLID_BAND_COLUMNS, open_split
 from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
 from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import DESI_PIXELS, SplitRows, desi_flux, rgb_tensor
 from fmb.data.hdf5 import HDF5Source
+from fmb.data.surveys.astroclip import FIELDS
+from fmb.data.surveys.euclid_desi import DESI_PIXELS, SplitRows, desi_flux, rgb_tensor
 from fmb.errors import DataError
 
 log = logging.getLogger("fmb")
 
-HDF5_FIELDS = ["image", "spectrum", "redshift", "targetid"]
 EUCLID_COLUMNS = ["object_id", "targetid", "redshift", "RGB_image", "spectrum"]
 # Legacy Survey colour composite: band -> (RGB plane, scale); g is blue, r green, z red.
 LEGACY_RGB = {"g": (2, 6.0), "r": (1, 3.4), "z": (0, 2.2)}
@@ -91,7 +91,7 @@ class AstroClipHDF5(_Augmented):
     def __init__(self, path: str, fraction: tuple[float, float], crop: int, spectrum_length: int = DESI_PIXELS,
                  augment: bool = False, seed: int = 0, images: bool = True) -> None:
         super().__init__(augment, seed)
-        self.source = HDF5Source(path, HDF5_FIELDS if images else HDF5_FIELDS[1:], fraction)
+        self.source = HDF5Source(path, list(FIELDS) if images else list(FIELDS[1:]), fraction)
         self.crop = crop
         self.spectrum_length = spectrum_length
         self.images = images

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fmb.data.euclid_desi import open_split
+from fmb.data.surveys.euclid_desi import open_split
 from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.errors import ConfigError, DataError
 from fmb.models.astroclip.data import EUCLID_COLUMNS, AstroClipHDF5, EuclidDesiPairs

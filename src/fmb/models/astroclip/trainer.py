@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import DESI_PIXELS, open_split
+from fmb.data.surveys.astroclip import TRAIN_FRACTION
+from fmb.data.surveys.euclid_desi import DESI_PIXELS, open_split
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models.astroclip.data import EUCLID_COLUMNS, AstroClipHDF5, EuclidDesiPairs
 from fmb.models.astroclip.model import (
@@ -87,7 +88,7 @@ class AstroCLIPDataConfig:
     spectrum_length: int = DESI_PIXELS
     resample_spectra: bool = False  # euclid_desi: interpolate spectra whose wavelengths are not the DESI grid
     augment: bool = True  # flips and 90-degree rotations of training images
-    train_fraction: float = 0.8  # hdf5: first part of every group is train, the rest validation
+    train_fraction: float = TRAIN_FRACTION  # hdf5: first part of every group is train, the rest validation
     train_split: str = "train"  # euclid_desi
     val_split: str | None = None  # euclid_desi; None: hold out val_fraction of train by object_id
     val_fraction: float = 0.05
@@ -196,7 +197,8 @@ class _DataMixin:
             target = self.run_dir / "data"
             if data.format != "hdf5":
                 raise ConfigError("data.synthetic writes the AstroCLIP HDF5 schema: set data.format=hdf5")
-            from fmb.data.synth.astroclip import FILE_NAME, write
+            from fmb.data.surveys.astroclip import FILE_NAME
+            from fmb.data.synth.astroclip import write
 
             with self.main_process_first() as is_main:
                 if is_main and not (target / FILE_NAME).is_file():

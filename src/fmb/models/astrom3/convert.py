@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fmb.data.surveys.astrom3 import CLASSES
 from fmb.errors import CheckpointError
-from fmb.models.astrom3.data import CLASSES
 from fmb.models.astrom3.model import AstroM3, AstroM3ModelConfig, sinusoidal_positions
 from fmb.models.astrom3.trainer import AstroM3Config
 from fmb.train import checkpoint as ckpt

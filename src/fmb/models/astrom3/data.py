@@ -1,13 +1,5 @@
-"""AstroM3 data: the variable-star parquet schema (photometry, spectra, metadata, label) and the
-reference preprocessing.
-
-Schema of one row (AstroM3Processed; the synthetic kind `astrom3` writes the same):
-  photometry  list<list<float>> (N, 3): time (HJD), flux, flux_err
-  spectra     list<list<float>> (M, 3): wavelength (Angstrom), flux, flux_err
-  metadata    list<float> (38): the 34 catalogue values of METADATA_NAMES, then the 4
-              photometric features (amplitude, period, lksl_statistic, rfr_score)
-  label       string, one of CLASSES
-  object_id   int64 (optional; the row index is used when absent)
+"""AstroM3 data: the reference preprocessing of the variable-star rows (schema:
+fmb.data.surveys.astrom3) and the dataset.
 
 A row that cannot be used (empty or single-point light curve, no finite fluxes, a spectrum
 outside the wavelength grid, non-finite metadata, an unknown label) raises a DataError naming
@@ -27,21 +19,11 @@ import torch
 from torch.utils.data import Dataset
 
 from fmb.data.splits import holdout_mask
+from fmb.data.surveys.astrom3 import CLASSES, METADATA_NAMES, PERIOD_INDEX
 from fmb.data.tables import TableSource
 from fmb.errors import DataError
 from fmb.models.astrom3.model import N_CATALOGUE, N_METADATA, N_SPECTRA_PIXELS
 
-# Alphabetical, as upstream numbers the classes.
-CLASSES = ["DSCT", "EA", "EB", "EW", "HADS", "M", "ROT", "RRAB", "RRC", "SR"]
-METADATA_NAMES = [
-    "mean_vmag", "phot_g_mean_mag", "e_phot_g_mean_mag", "phot_bp_mean_mag", "e_phot_bp_mean_mag",
-    "phot_rp_mean_mag", "e_phot_rp_mean_mag", "bp_rp", "parallax", "parallax_error", "parallax_over_error",
-    "pmra", "pmra_error", "pmdec", "pmdec_error", "j_mag", "e_j_mag", "h_mag", "e_h_mag", "k_mag", "e_k_mag",
-    "w1_mag", "e_w1_mag", "w2_mag", "e_w2_mag", "w3_mag", "w4_mag", "j_k", "w1_w2", "w3_w4", "pm", "ruwe",
-    "l", "b",
-    "amplitude", "period", "lksl_statistic", "rfr_score",
-]
-PERIOD_INDEX = METADATA_NAMES.index("period")
 WAVELENGTH_GRID = np.arange(3850.0, 9000.0, 2.0)  # N_SPECTRA_PIXELS values
 
 

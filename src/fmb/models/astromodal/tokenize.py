@@ -17,21 +17,20 @@ import numpy as np
 import torch
 
 from fmb.config import ConfigLayers, build, parse_set_option, read_yaml
-from fmb.errors import ConfigError, DataError
-from fmb.models.astromodal.data import (
+from fmb.data.surveys.splus import (
     CUTOUT_COLUMNS,
     SHAPE_COLUMNS,
     SPECTRUM_GROUPS,
     TRUTH_COLUMNS,
     FieldBatch,
     Selection,
-    ShardWriter,
-    Vocabulary,
     cutout_stack,
     list_rows,
     read_fields,
     scalar_matrix,
 )
+from fmb.errors import ConfigError, DataError
+from fmb.models.astromodal.data import ShardWriter, Vocabulary
 from fmb.models.astromodal.tokenizers import (
     ImageTokenizer,
     ScalarTokenizer,

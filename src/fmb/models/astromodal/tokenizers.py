@@ -19,8 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fmb.data.surveys.splus import SPECTRUM_GROUPS
 from fmb.errors import DataError
-from fmb.models.astromodal.data import DEFAULT_SCALARS, SPECTRUM_GROUPS
+from fmb.models.astromodal.data import DEFAULT_SCALARS
 from fmb.models.astromodal.kmeans import fit_kmeans, nearest
 
 log = logging.getLogger("fmb")

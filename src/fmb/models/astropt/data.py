@@ -1,7 +1,7 @@
 """AstroPT samples from the Euclid + DESI sample: RGB image patches and DESI spectrum patches.
 
 Image: decoded, resized to `image_size`, scaled to [0, 1], cut into patch x patch x 3 tokens
-flattened in (row, column, channel) order. Spectrum: cleaned (see fmb.data.euclid_desi), cut
+flattened in (row, column, channel) order. Spectrum: cleaned (see fmb.data.surveys.euclid_desi), cut
 into patches of `patch_size` pixels. Each modality carries a token mask, so an object with no
 spectrum (or a broken image) still trains on its other modality without misaligning the batch.
 A modality that is present but unusable is reported as a data fault (`fault_image`,
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import SplitRows, clean_spectrum, rgb_tensor, scalar_values
+from fmb.data.surveys.euclid_desi import SplitRows, clean_spectrum, rgb_tensor, scalar_values
 from fmb.errors import DataError
 from fmb.models.astropt.model import Modality
 

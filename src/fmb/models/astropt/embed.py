@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from fmb.data.euclid_desi import embedding_rows
+from fmb.data.surveys.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter, joint_embedding
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 from fmb.models.astropt.trainer import AstroPTConfig, build_astropt, load_into, model_inputs

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fmb.data.euclid_desi import DESI_PIXELS, open_split
+from fmb.data.surveys.euclid_desi import DESI_PIXELS, open_split
 from fmb.errors import ConfigError
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss

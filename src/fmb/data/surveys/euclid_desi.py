@@ -1,8 +1,11 @@
-"""Reading the Euclid + DESI matched sample (parquet shards or a `save_to_disk` directory).
+"""The Euclid + DESI matched sample (parquet shards or a `save_to_disk` directory): schema and reader.
 
-Format-level helpers shared by the families that train on it: split selection (with a
-deterministic hold-out when the dataset has no validation split), RGB decoding and resizing,
-DESI spectrum cleaning, Euclid band conversion.
+Columns (reference/data-formats.md section 1): object_id, targetid, redshift, RGB_image {bytes, path},
+VIS/NISP_Y/NISP_J/NISP_H_image 2-D float arrays, spectrum {flux, wavelength, error} on the DESI grid,
+sed_data {flux_*}. Helpers shared by the families that read it: split selection (with a deterministic
+hold-out when the dataset has no validation split), RGB decoding and resizing, DESI spectrum checks
+and cleaning, Euclid band conversion. torch is imported only by the functions that make tensors, so
+the synthetic generator can use the schema without it.
 """
 
 from __future__ import annotations
@@ -10,16 +13,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fmb.data.images import decode_image
 from fmb.data.splits import holdout_mask
 from fmb.data.tables import TableSource, available_splits, column_names
 from fmb.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fmb")
 
@@ -106,6 +110,8 @@ def embedding_rows(data: str | None, split: str | None, columns: list[str], cfg:
 
 def scalar_values(row: dict, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Scalar columns of a row as tensors (NaN for nulls), for carrying targets through a loader."""
+    import torch
+
     return {name: torch.tensor(float("nan") if row[name] is None else row[name]) for name in names}
 
 
@@ -119,6 +125,9 @@ def _split_name(path: str, split: str) -> str | None:
 
 def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
     """`RGB_image` {bytes, path} -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
+    import torch
+    import torch.nn.functional as F
+
     if image_struct is None or not image_struct.get("bytes"):
         raise DataError("no image bytes")
     array = decode_image(image_struct["bytes"])
