@@ -22,11 +22,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from fmb.data.synth import write_synthetic
-from fmb.models.astrom3.embed import embed
+from fmb.models import get_family, write_synthetic
 from fmb.models.astrom3.trainer import AstroM3Trainer, classification_metrics
 from fmb.recipes import RunRequest, load_run_config
 from fmb.train.checkpoint import step_dirname
+from fmb.train.embed import EmbedOptions, run_embed
 
 
 def train(out: Path, sets: list[str]) -> Path:
@@ -38,8 +38,9 @@ def train(out: Path, sets: list[str]) -> Path:
 
 
 def test_scores(run: Path, data: Path, classes: list[str]) -> dict[str, float]:
-    table = pq.read_table(embed(run, str(data), run / "test_embeddings.parquet",
-                                {"device": "cpu", "set": ["split=test"]}))
+    result = run_embed(get_family("astrom3"), run, run / "test_embeddings.parquet",
+                       EmbedOptions(data=str(data), split="test", device="cpu"))
+    table = pq.read_table(result.out)
     index = {c: i for i, c in enumerate(classes)}
     confusion = np.zeros((len(classes), len(classes)))
     for true, pred in zip(table.column("label").to_pylist(), table.column("predicted").to_pylist(), strict=True):

@@ -471,7 +471,7 @@ def test_band_columns_are_the_euclid_ones():
 
 
 def test_grid_pool_keeps_mean_and_spread():
-    from fmb.models.aion.embed import grid_pool
+    from fmb.models.aion.trainer import grid_pool
 
     small = torch.zeros(1, 1, 4, 4)
     small[..., 1:3, 1:3] = 4.0  # compact: 4 bright cells

@@ -237,7 +237,7 @@ def test_hdf5_schema_split_and_augmentation(h5_file):
     item = val[0]
     assert item["image"].shape == (3, 32, 32) and 0 <= item["image"].min() and item["image"].max() <= 1
     assert item["spectrum"].shape == (7781,) and bool(item["valid"])
-    assert math.isclose(item["redshift"].item(), redshift[96], rel_tol=1e-6)
+    assert math.isclose(item["targets"]["redshift"].item(), redshift[96], rel_tol=1e-6)
     assert torch.equal(val[0]["image"], val[0]["image"])  # no augmentation at evaluation
     plain = AstroClipHDF5(str(h5_file), (0.0, 0.8), 32)
     views = []
@@ -448,7 +448,6 @@ def upstream_head(head: CrossAttentionHead) -> dict:
 def test_convert_astroclip_lightning_checkpoint(tmp_path):
     torch.manual_seed(0)
     from fmb.models.astroclip.convert import convert
-    from fmb.models.astroclip.embed import embed  # noqa: F401  (import check: family module loads)
     from fmb.models.astroclip.trainer import build_astroclip
 
     cfg = tiny_config(tmp_path, "unused", image_positions=False, embed_dim=64, learnable_scale=True).model
@@ -520,6 +519,12 @@ def test_embed_and_cli_round_trip(tmp_path, h5_file):
         cli.app(["embed", "astroclip", "--checkpoint", str(run), "--out", str(out), "--device", "cpu",
                  "--batch-size", "10"], standalone_mode=True)
     assert exit_info.value.code == 0
+    splits = pq.read_table(out).column("split").to_pylist()  # every object by default
+    assert len(splits) == 120 and splits.count("train") == 96 and splits.count("validation") == 24
+    with pytest.raises(SystemExit) as exit_info:
+        cli.app(["embed", "astroclip", "--checkpoint", str(run), "--out", str(out), "--device", "cpu",
+                 "--batch-size", "10", "--split", "validation"], standalone_mode=True)
+    assert exit_info.value.code == 0
     table = pq.read_table(out)
     assert table.num_rows == 24  # the validation part (last 20%) of the 120 objects
     assert {"object_id", "targetid", "redshift", "embedding_image", "embedding_spectrum", "embedding_joint"} <= set(table.column_names)
@@ -567,7 +572,7 @@ def test_recipes_and_demo_overlays_resolve(model, tmp_path):
 
     paths = tmp_path / "paths_local.yaml"
     paths.write_text("runs: runs\nastroclip_h5: /data/astroclip.h5\nastrodino_backbone: /w/a\nspecformer_backbone: /w/s\n")
-    trainer = get_family(model).trainer
+    trainer = get_family(model).trainer_class()
     published, _ = load_run_config(RunRequest(model, [], [], {}, paths=str(paths)), trainer.config_cls)
     demo, _ = load_run_config(RunRequest(model, [], [], {}, demo=True, paths=str(paths)), trainer.config_cls)
     assert published.data.path == "/data/astroclip.h5" and published.train.optim.lr in (1e-4, 1e-5)

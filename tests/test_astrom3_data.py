@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fmb.data.surveys.astrom3 import CLASSES, METADATA_NAMES
-from fmb.data.synth import write_synthetic
 from fmb.errors import DataError
+from fmb.models import write_synthetic
 from fmb.models.astrom3.data import (
     WAVELENGTH_GRID,
     AstroM3Dataset,

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from fmb import cli
-from fmb.data.synth import write_synthetic
 from fmb.errors import CheckpointError, ConfigError
+from fmb.models import write_synthetic
 from fmb.models.astrom3.convert import convert
 from fmb.models.astrom3.model import AstroM3, AstroM3ModelConfig
 from fmb.models.astrom3.trainer import AstroM3Config, AstroM3Trainer
@@ -50,7 +50,7 @@ def clip_run(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("clip") / "run"
     mp = pytest.MonkeyPatch()
     mp.setattr(sys, "argv", ["fmb", "retrain", "astrom3", "--demo", "--out", str(out), "--max-steps", "6",
-                             "--no-progress", *sets("data.synthetic_objects=80")])
+                             "--no-progress", *sets("data.synthetic=80")])
     with pytest.raises(SystemExit) as info:
         cli.main()
     mp.undo()
@@ -159,7 +159,7 @@ def test_embed_cli_writes_embeddings(monkeypatch, capsys, tmp_path, clip_run):
     table = pq.read_table(out)
     assert table.num_rows == 8
     assert {"object_id", "label", "class_index", "valid"} <= set(table.column_names)
-    for name in ("photometry", "spectra", "metadata"):
+    for name in ("photometry", "spectrum", "metadata"):
         values = np.array(table.column(f"embedding_{name}").to_pylist(), dtype=np.float32)
         assert values.shape == (8, 16)
         np.testing.assert_allclose(np.linalg.norm(values, axis=1), 1.0, rtol=1e-5)
@@ -168,7 +168,7 @@ def test_embed_cli_writes_embeddings(monkeypatch, capsys, tmp_path, clip_run):
     assert table.column("label").to_pylist() == expected.column("label").to_pylist()
     code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(clip_run), "--out", str(out),
                        "--set", "split=test")
-    assert code == 2 and "--split NAME" in err
+    assert code == 2 and "unknown config key 'split'" in err  # --set is the run's config, honoured or refused
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -202,7 +202,7 @@ def upstream_layout(model: AstroM3) -> dict[str, torch.Tensor]:
             out[f"spectra_encoder.layers.{3 * j}.{kind}"] = s[f"spectra_encoder.convs.{j}.{kind}"]
         out[f"metadata_encoder.model.0.{kind}"] = s[f"metadata_encoder.fc1.{kind}"]
         out[f"metadata_encoder.model.3.{kind}"] = s[f"metadata_encoder.fc2.{kind}"]
-        for name in ("photometry", "spectra", "metadata"):
+        for name in ("photometry", "spectrum", "metadata"):
             out[f"{name}_proj.{kind}"] = s[f"{name}_proj.{kind}"]
     for i, name in enumerate(("logit_scale_ps", "logit_scale_sm", "logit_scale_mp")):
         out[name] = s["logit_scale"][i].clone()

@@ -12,7 +12,6 @@ import yaml
 
 from fmb.data.splits import holdout_mask
 from fmb.models.astromodal.data import TokenShards
-from fmb.models.astromodal.embed import load_model
 from fmb.models.astromodal.trainer import AstromodalConfig, AstromodalTrainer
 from fmb.train import checkpoint as ckpt
 from tests.cli_runner import run_cli
@@ -58,8 +57,12 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     assert any("tokens_per_s" in r for r in records)
 
     # The checkpoint carries the codebooks: a fresh model loaded from it decodes on its own.
-    model, toks, _ = load_model(tmp_path / "run")
-    np.testing.assert_allclose(model.targets.image.numpy(), toks.image.codebook.numpy())
+    directory = ckpt.find_checkpoint(tmp_path / "run")
+    trainer = AstromodalTrainer(ckpt.read_config(directory, AstromodalConfig))
+    trainer.prepare_embedding(directory, tmp_path / "work")
+    model = trainer.new_model()
+    ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
+    np.testing.assert_allclose(model.targets.image.numpy(), trainer.tokenizers.image.codebook.numpy())
     assert ckpt.read_meta(ckpt.latest_checkpoint(tmp_path / "run"))["family"] == "astromodal"
 
     out_file = tmp_path / "emb.parquet"
@@ -68,7 +71,8 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     table = pq.read_table(out_file)
     keys = TokenShards(shards).objects(["key"]).column("key").to_numpy()
-    assert table.num_rows == holdout_mask(keys, 0.2, 0).sum() > 0  # the run's validation objects
+    assert table.num_rows == len(keys)  # every object, each with the split it belongs to in the run
+    assert table.column("split").to_pylist().count("validation") == holdout_mask(keys, 0.2, 0).sum() > 0
     vectors = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
     assert vectors.shape == (table.num_rows, 64) and np.isfinite(vectors).all()
     assert set(table.column_names) >= {"object_id", "field", "truth_redshift"}
@@ -83,14 +87,14 @@ def test_demo_recipe_resolves(monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "config", "show", "astromodal", "--demo")
     assert code == 0, err
     shown = yaml.safe_load(out)
-    assert shown["data"]["path"] is None and shown["data"]["synthetic_objects"] > 0
+    assert shown["data"]["path"] is None and shown["data"]["synthetic"] > 0
     assert shown["train"]["device"] == "cpu" and shown["train"]["cpu_threads"] == 1
     assert shown["model"]["preset"] == "tiny" and shown["loss"]["image_weight"] == 0.1
 
 
 def resume_config(out, shared, max_steps: int) -> AstromodalConfig:
     cfg = AstromodalConfig()
-    cfg.data.synthetic_objects = 120
+    cfg.data.synthetic = 120
     cfg.data.tokenizers, cfg.data.tokens, cfg.data.val_fraction = str(shared / "tok"), str(shared / "tokens"), 0.2
     for option in TINY_TOKENIZERS:
         key, value = option.split("=")

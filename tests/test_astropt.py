@@ -370,13 +370,11 @@ def test_convert_rejects_mismatch_and_code(tmp_path):
     ([IMAGES, Modality("spectra", 10, 10, positions="float", pos_input_size=10, loss_weight=0.5)], "affine"),
 ])
 def test_parity_with_upstream_astropt(tmp_path, modalities, tokeniser):
-    from fmb.models.astropt.trainer import load_into
-
     upstream = upstream_checkpoint(tmp_path / "up.pt", modalities, tokeniser=tokeniser)
     out = convert(tmp_path / "up.pt", tmp_path / "conv")
     config = ckpt.read_config(out, AstroPTConfig)
     ours = build_astropt(config.model)
-    load_into(ours, out)
+    ckpt.load_weights(ours, out, "astropt")
     ours.eval()
 
     gen = torch.Generator().manual_seed(7)
@@ -424,11 +422,12 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
                         "--batch-size", "8")
     assert code == 0, err
     table = pq.read_table(out)
-    assert {"object_id", "targetid", "redshift", "embedding_images", "embedding_spectra", "embedding_joint",
-            "truth_type", "truth_half_light_px"} <= set(table.column_names)
+    assert {"object_id", "targetid", "redshift", "embedding_image", "embedding_spectrum", "embedding_joint",
+            "truth_type", "truth_half_light_px", "split"} <= set(table.column_names)
+    assert table.num_rows == 48 and set(table.column("split").to_pylist()) == {"train", "validation", "test"}
     joint = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(np.linalg.norm(joint, axis=1), 1.0, rtol=1e-5)
-    assert table.column("embedding_images").type.value_type == pa.float32()
+    assert table.column("embedding_image").type.value_type == pa.float32()
 
     baseline = tmp_path / "random.parquet"
     code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(baseline),
@@ -438,11 +437,11 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     assert random_joint.shape == joint.shape and not np.allclose(random_joint, joint)
     code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"))
-    assert code == 2 and "choose one with --split" in err
+    assert code == 0 and set(pq.read_table(out).column("split").to_pylist()) == {"train", "test"}  # as named there
     code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"), "--split", "test")
     assert code == 0, err
-    spectra = pq.read_table(out).column("embedding_spectra")
+    spectra = pq.read_table(out).column("embedding_spectrum")
     test_rows = pq.read_table(run / "data" / "data" / "test-00000-of-00001.parquet", columns=["spectrum"])
     assert spectra.null_count == test_rows.column("spectrum").null_count
 

@@ -1,4 +1,4 @@
-"""The shared embedding schema writer: nulls for absent modalities, resumable shards."""
+"""The shared embedding schema: nulls for absent modalities, resumable parts joined in order."""
 
 from __future__ import annotations
 
@@ -8,42 +8,45 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fmb.embeddings import EmbeddingWriter, joint_embedding
+from fmb.embeddings import EmbeddingParts, embedding_table, joint_embedding, load_embeddings
 from fmb.errors import DataError
 
 
-def test_writer_resumes_after_an_interruption(tmp_path):
+def test_parts_join_in_chunk_order_with_nulls_for_absent_modalities(tmp_path):
     out = tmp_path / "emb.parquet"
     vectors = torch.randn(10, 4)
     present = torch.tensor([True] * 9 + [False])
-    first = EmbeddingWriter(out, shard_rows=3)
-    for start in range(0, 6, 3):  # two shards written, then the run "dies"
-        rows = slice(start, start + 3)
-        first.add(np.arange(10)[rows], {"redshift": np.linspace(0, 1, 10)[rows]}, {"images": vectors[rows]},
-                  {"images": present[rows]})
-    assert not out.exists() and first.rows_done == 6
-
-    second = EmbeddingWriter(out, shard_rows=3)
-    assert second.rows_done == 6  # the restarted run skips these
-    second.add(np.arange(6, 10), {"redshift": np.linspace(0, 1, 10)[6:]}, {"images": vectors[6:]}, {"images": present[6:]})
-    table = pq.read_table(second.finish())
+    parts = EmbeddingParts(out)
+    for chunk, rows in ((1, slice(5, 10)), (0, slice(0, 5))):  # written out of order (two ranks)
+        parts.write_chunk(chunk, [embedding_table(np.arange(10)[rows], {"redshift": np.linspace(0, 1, 10)[rows]},
+                                                  {"image": vectors[rows]}, {"image": present[rows]})])
+    assert parts.done_chunks() == {0, 1} and not out.exists()
+    with pytest.raises(DataError, match=r"chunks \[2\] were not embedded"):
+        parts.finish(3)
+    table = pq.read_table(parts.finish(2))
     assert table.column("object_id").to_pylist() == list(range(10))
-    assert table.schema.field("embedding_images").type == pa.list_(pa.float32(), 4)
-    assert table.column("embedding_images").null_count == 1
-    np.testing.assert_allclose(np.array(table.column("embedding_images").to_pylist()[0]), vectors[0].numpy(), rtol=1e-6)
-    assert not (tmp_path / "emb.parquet.parts").exists()
+    assert table.schema.field("embedding_image").type == pa.list_(pa.float32(), 4)
+    assert table.column("embedding_image").null_count == 1
+    np.testing.assert_allclose(np.array(table.column("embedding_image").to_pylist()[0]), vectors[0].numpy(), rtol=1e-6)
+    assert not parts.directory.exists()
 
 
-def test_resuming_with_another_embedding_width_names_the_shard_and_column(tmp_path):
-    out = tmp_path / "emb.parquet"
-    first = EmbeddingWriter(out, shard_rows=2)
-    first.add(np.arange(2), {}, {"image": torch.randn(2, 5)})  # one shard written, then the run "dies"
-    second = EmbeddingWriter(out, shard_rows=2)
-    with pytest.raises(DataError, match=r"part-00000\.parquet: column embedding_image .*delete"):
-        second.add(np.arange(2, 4), {}, {"image": torch.randn(2, 10)})  # e.g. a newer pooling
-    third = EmbeddingWriter(out, shard_rows=2)
-    third.add(np.arange(2, 4), {}, {"image": torch.randn(2, 5)})  # the same width continues
-    assert pq.read_table(third.finish()).num_rows == 4
+def test_a_column_null_in_one_chunk_takes_the_type_of_the_others(tmp_path):
+    parts = EmbeddingParts(tmp_path / "emb.parquet")
+    parts.write_chunk(0, [embedding_table(np.arange(2), {"truth_anomaly": [None, None]}, {"joint": torch.randn(2, 3)})])
+    parts.write_chunk(1, [embedding_table(np.arange(2, 4), {"truth_anomaly": ["streak", None]}, {"joint": torch.randn(2, 3)})])
+    table = pq.read_table(parts.finish(2))
+    assert table.schema.field("truth_anomaly").type == pa.string()
+    assert table.column("truth_anomaly").to_pylist() == [None, None, "streak", None]
+
+
+def test_resuming_with_another_embedding_width_names_the_part_and_column(tmp_path):
+    parts = EmbeddingParts(tmp_path / "emb.parquet")
+    parts.write_chunk(0, [embedding_table(np.arange(2), {}, {"image": torch.randn(2, 5)})])  # then the run "dies"
+    with pytest.raises(DataError, match=r"part-000000\.parquet: column embedding_image .*delete"):
+        parts.write_chunk(1, [embedding_table(np.arange(2, 4), {}, {"image": torch.randn(2, 10)})])  # a newer pooling
+    parts.write_chunk(1, [embedding_table(np.arange(2, 4), {}, {"image": torch.randn(2, 5)})])  # the same width continues
+    assert pq.read_table(parts.finish(2)).num_rows == 4
 
 
 def test_joint_embedding_uses_the_modalities_present():
@@ -53,10 +56,8 @@ def test_joint_embedding_uses_the_modalities_present():
 
 
 def test_files_written_before_the_modality_vocabulary_read_with_the_new_names(tmp_path):
-    from fmb.embeddings import load_embeddings
-
-    writer = EmbeddingWriter(tmp_path / "old.parquet")
-    writer.add(np.arange(4), {"redshift": np.zeros(4)}, {"images": torch.randn(4, 3), "spectra": torch.randn(4, 3),
-                                                         "joint": torch.randn(4, 3)})
-    loaded = load_embeddings(writer.finish())
+    table = embedding_table(np.arange(4), {"redshift": np.zeros(4)},
+                            {"images": torch.randn(4, 3), "spectra": torch.randn(4, 3), "joint": torch.randn(4, 3)})
+    pq.write_table(table, tmp_path / "old.parquet")
+    loaded = load_embeddings(tmp_path / "old.parquet")
     assert sorted(loaded.embeddings) == ["image", "joint", "spectrum"]

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from fmb.errors import EXIT_OK, EXIT_RUNTIME, FmbError
-from fmb.models import family_names, family_summaries
+from fmb.models import family_commands, family_names, family_summaries
 
 app = typer.Typer(
     name="fmb",
@@ -24,11 +24,10 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect run configurations.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: synthetic data in the real formats.", no_args_is_help=True)
-tokenize_app = typer.Typer(help="Tokenisers (astromodal): fit them on S-PLUS fields, encode fields into token shards.",
-                           no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
-app.add_typer(tokenize_app, name="tokenize")
+for _name, _commands in family_commands():  # family-specific groups, e.g. astromodal's `fmb tokenize`
+    app.add_typer(_commands, name=_name)
 
 
 def _models_help() -> str:
@@ -103,10 +102,10 @@ def retrain(
     family = get_family(model)
     request = _run_request(model, config, set_, demo, paths, out=out, max_steps=max_steps, epochs=epochs,
                            batch_size=batch_size, lr=lr, device=device, seed=seed)
-    run_config, _ = load_run_config(request, family.trainer.config_cls)
+    run_config, _ = load_run_config(request, family.trainer_class().config_cls)
     if no_progress:
         run_config.train.progress = False
-    result = family.trainer(run_config).fit(resume=resume)
+    result = family.trainer_class()(run_config).fit(resume=resume)
     logging.getLogger("fmb").info(result.summary())
     if result.exit_code:
         raise typer.Exit(result.exit_code)
@@ -152,7 +151,7 @@ def config_show(
     from fmb.recipes import load_run_config
 
     family = get_family(model)
-    run_config, _ = load_run_config(_run_request(model, config, set_, demo, paths), family.trainer.config_cls)
+    run_config, _ = load_run_config(_run_request(model, config, set_, demo, paths), family.trainer_class().config_cls)
     typer.echo(to_yaml(run_config), nl=False)
 
 
@@ -179,7 +178,7 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Write synthetic data in the exact schema of a real dataset (latent truth stored as columns)."""
-    from fmb.data.synth import write_synthetic
+    from fmb.models import write_synthetic
 
     path = write_synthetic(kind, out, n, seed)
     typer.echo(f"wrote {n} objects of '{kind}' to {path}")
@@ -188,37 +187,10 @@ def data_synth(
 @data_app.command("kinds")
 def data_kinds() -> None:
     """List the synthetic data kinds."""
-    from fmb.data.synth import SYNTH_KINDS
+    from fmb.models import synthetic_kinds
 
-    for name, (_, summary) in sorted(SYNTH_KINDS.items()):
+    for name, (_, summary) in synthetic_kinds().items():
         typer.echo(f"{name:<16} {summary}")
-
-
-@tokenize_app.command("fit")
-def tokenize_fit(
-    kind: Annotated[str, typer.Argument(help="Tokeniser to fit: scalar, spectrum, image or all.")],
-    data: Annotated[Path, typer.Option("--data", help="Directory of datacube_<FIELD>.parquet files.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Tokeniser directory to write.")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-) -> None:
-    """Fit tokenisers; settings come from a YAML file (its `tokenizer:` section) and --set key=value."""
-    from fmb.models.astromodal.tokenize import fit_from_options
-
-    written = fit_from_options(kind, data, out, config or [], set_ or [])
-    typer.echo(f"wrote {kind} tokenizer(s) to {written}")
-
-
-@tokenize_app.command("encode")
-def tokenize_encode(
-    data: Annotated[Path, typer.Option("--data", help="Directory of datacube_<FIELD>.parquet files.")],
-    tokenizers: Annotated[Path, typer.Option("--tokenizers", "-t", help="Fitted tokeniser directory.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Token shard directory to write.")],
-) -> None:
-    """Encode fields into token shards (memory-mapped, random access) for training."""
-    from fmb.models.astromodal.tokenize import encode_dataset
-
-    typer.echo(f"wrote token shards to {encode_dataset(data, tokenizers, out)}")
 
 
 @app.command()
@@ -232,36 +204,37 @@ def convert(
     from fmb.models import get_family
 
     family = get_family(model)
-    if family.convert is None:
+    converter = family.converter()
+    if converter is None:
         raise ConfigError(f"'{model}' has no upstream checkpoint converter")
     if not src.exists():
         raise ConfigError(f"no such file or directory: {src}")
-    written = family.convert(src, out)
+    written = converter(src, out)
     typer.echo(f"wrote {written}")
 
 
 @app.command()
 def embed(
     model: ModelArg,
-    checkpoint: Annotated[Path, typer.Option(help="fmb checkpoint directory (a step_* directory or a run directory).")],
+    checkpoint: Annotated[Path, typer.Option(help="fmb checkpoint: a run directory (its best, else newest checkpoint) or a step_* directory.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
-    data: Annotated[str | None, typer.Option(help="Data to embed (default: the validation split of the checkpoint's dataset).")] = None,
-    split: Annotated[str | None, typer.Option(help="Split of --data (or of the checkpoint's dataset) to embed.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data to embed (default: the checkpoint's dataset).")] = None,
+    split: Annotated[str | None, typer.Option(help="Embed only this split (default: every object, each row's split in the `split` column).")] = None,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    num_workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: the run's train.num_workers).")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Same architecture with untrained weights (the baseline for `fmb evaluate`).")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Write per-object embeddings of a trained model to parquet."""
-    from fmb.errors import ConfigError
+    """Write per-object embeddings to parquet (resumable; torchrun / srun shard the rows). Exit code 75:
+    stopped by a signal, the same command continues."""
     from fmb.models import get_family
+    from fmb.train.embed import EmbedOptions, run_embed
 
-    family = get_family(model)
-    if family.embed is None:
-        raise ConfigError(f"'{model}' has no embedding export yet")
-    options = {"batch_size": batch_size, "device": device, "split": split, "random_init": random_init, "set": set_ or []}
-    written = family.embed(checkpoint, data, out, options)
-    typer.echo(f"wrote {written}")
+    options = EmbedOptions(data=data, split=split, batch_size=batch_size, device=device, num_workers=num_workers,
+                           random_init=random_init, sets=set_ or [])
+    result = run_embed(get_family(model), checkpoint, out, options)
+    typer.echo(result.summary())
 
 
 @app.command()
@@ -291,9 +264,9 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="fmb-bench-") as scratch:
         request = _run_request(model, config, sets, demo, paths, out=scratch, batch_size=batch_size, device=device,
                                max_steps=None, epochs=None, lr=None, seed=None)
-        run_config, _ = load_run_config(request, family.trainer.config_cls)
+        run_config, _ = load_run_config(request, family.trainer_class().config_cls)
         run_config.train.progress = False
-        result = run_bench(family.trainer(run_config), steps=steps)
+        result = run_bench(family.trainer_class()(run_config), steps=steps)
     typer.echo(f"fmb bench {model}")
     typer.echo(format_table(result))
     if json_out:

@@ -4,8 +4,9 @@ Columns: `object_id` (int64, or string for surveys with string ids), the targets
 `embedding_<name>` column per modality (plus `embedding_joint` where a family has several):
 fixed-size lists of float32, null where that modality is absent for the object.
 
-Rows are appended to shards under `<out>.parts/` as they are computed; an interrupted run
-started again skips the rows already written. `finish` joins the shards into `<out>`.
+`embedding_table` makes rows in that schema; `EmbeddingParts` keeps one parquet part per finished
+chunk of rows under `<out>.parts/` (so an interrupted `fmb embed` continues) and joins them into
+`<out>` (fmb.train.embed runs both).
 `load_embeddings` reads a file back (embeddings as NaN-padded matrices) and `align` restricts
 several files to the objects they share.
 """
@@ -17,6 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -41,76 +43,83 @@ def joint_embedding(vectors: dict[str, torch.Tensor], present: dict[str, torch.T
     return F.normalize(total, dim=-1)
 
 
-class EmbeddingWriter:
-    def __init__(self, out: Path, shard_rows: int = 20_000) -> None:
+def embedding_table(object_id: Any, targets: dict[str, Any], embeddings: dict[str, torch.Tensor | np.ndarray],
+                    present: dict[str, Any] | None = None) -> pa.Table:
+    """Rows in the schema: object_id, target columns, `embedding_<name>` fixed-size float32 lists
+    (null where `present` is False)."""
+    ids = np.asarray(object_id.cpu() if isinstance(object_id, torch.Tensor) else object_id)
+    # integer ids stay int64; surveys with string ids (S-PLUS) keep strings
+    columns: dict[str, pa.Array] = {"object_id": pa.array(ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.tolist())}
+    for name, values in targets.items():
+        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+        columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
+    for name, matrix in embeddings.items():
+        matrix = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, np.float32)
+        mask = None
+        if present and name in present:
+            keep = present[name].cpu().numpy() if isinstance(present[name], torch.Tensor) else np.asarray(present[name])
+            mask = pa.array(~keep.astype(bool))
+        flat = pa.array(matrix.astype(np.float32).reshape(-1))
+        columns[f"{EMBEDDING_PREFIX}{name}"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=mask)
+    return pa.table(columns)
+
+
+class EmbeddingParts:
+    """`<out>.parts/part-NNNNNN.parquet`, one per finished chunk of rows, joined into `<out>` at the end."""
+
+    def __init__(self, out: Path) -> None:
         self.out = Path(out)
-        self.parts = self.out.with_name(self.out.name + ".parts")
-        self.shard_rows = shard_rows
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        shards = sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
-        self.shard_count = len(shards)
-        self.rows_done = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
-        # New rows must fit the shards already written (same checkpoint, same embedding widths).
-        self.resumed_from = (shards[-1], pq.read_schema(shards[-1])) if shards else None
-        if self.rows_done:
-            log.info(f"{self.parts}: {self.rows_done} rows already embedded; continuing after them")
+        self.directory = self.out.with_name(self.out.name + ".parts")
 
-    def add(self, object_id: np.ndarray, targets: dict[str, np.ndarray | list], embeddings: dict[str, torch.Tensor | np.ndarray],
-            present: dict[str, np.ndarray | torch.Tensor] | None = None) -> None:
-        ids = np.asarray(object_id)
-        # integer ids stay int64; surveys with string ids (S-PLUS) keep strings
-        columns: dict[str, pa.Array] = {"object_id": pa.array(ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.tolist())}
-        for name, values in targets.items():
-            columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
-        for name, matrix in embeddings.items():
-            matrix = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, np.float32)
-            mask = None
-            if present is not None and name in present:
-                keep = present[name].cpu().numpy() if isinstance(present[name], torch.Tensor) else np.asarray(present[name])
-                mask = pa.array(~keep.astype(bool))
-            flat = pa.array(matrix.astype(np.float32).reshape(-1))
-            columns[f"{EMBEDDING_PREFIX}{name}"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=mask)
-        table = pa.table(columns)
-        if self.resumed_from is not None:
-            self._check_fits(table.schema)
-        self.buffer.append(table)
-        self.buffered += table.num_rows
-        if self.buffered >= self.shard_rows:
-            self._flush()
+    def _path(self, chunk: int) -> Path:
+        return self.directory / f"part-{chunk:06d}.parquet"
 
-    def _check_fits(self, schema: pa.Schema) -> None:
-        shard, written = self.resumed_from
-        for field in written:
-            if schema.get_field_index(field.name) < 0 or schema.field(field.name).type != field.type:
-                now = schema.field(field.name).type if schema.get_field_index(field.name) >= 0 else "absent"
-                raise DataError(f"{shard}: column {field.name} is {field.type} there but {now} in this run; "
-                                f"the earlier shards come from another model or version: delete {self.parts} "
-                                "to embed from the start")
-        self.resumed_from = None  # checked once
+    def done_chunks(self) -> set[int]:
+        if not self.directory.is_dir():
+            return set()
+        return {int(p.stem.split("-")[1]) for p in self.directory.glob("part-*.parquet")}
 
-    def _flush(self) -> None:
-        if not self.buffer:
-            return
-        self.parts.mkdir(parents=True, exist_ok=True)
-        shard = self.parts / f"part-{self.shard_count:05d}.parquet"
-        tmp = shard.with_suffix(".tmp")
-        pq.write_table(pa.concat_tables(self.buffer), tmp)
-        os.replace(tmp, shard)
-        self.shard_count += 1
-        self.rows_done += self.buffered
-        self.buffer, self.buffered = [], 0
+    def write_chunk(self, chunk: int, tables: list[pa.Table]) -> Path:
+        """One chunk's rows, written under a temporary name and renamed: a part is whole or absent.
+        Its columns must fit the parts already written (same checkpoint, same widths)."""
+        table = pa.concat_tables(tables, promote_options="permissive")
+        written = sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
+        if written:
+            _check_fits(written[0], pq.read_schema(written[0]), table.schema, self.directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(chunk)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
 
-    def finish(self) -> Path:
-        self._flush()
-        shards = sorted(self.parts.glob("part-*.parquet"))
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tables = [pq.read_table(s) for s in shards]
-        pq.write_table(pa.concat_tables(tables) if tables else pa.table({"object_id": pa.array([], pa.int64())}), tmp)
-        os.replace(tmp, self.out)
-        shutil.rmtree(self.parts, ignore_errors=True)
-        return self.out
+    def finish(self, chunks: int, out: Path | None = None) -> Path:
+        """Join parts 0..chunks-1, in order and one at a time (memory stays flat), into `out`."""
+        out = Path(out or self.out)
+        missing = [c for c in range(chunks) if not self._path(c).is_file()]
+        if missing:
+            raise DataError(f"{self.directory}: chunks {missing[:8]} were not embedded; run the command again")
+        files = [self._path(c) for c in range(chunks)]
+        schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for file in files:
+                writer.write_table(pq.read_table(file).cast(schema))
+        os.replace(tmp, out)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return out
+
+
+def _check_fits(shard: Path, written: pa.Schema, schema: pa.Schema, parts: Path) -> None:
+    for field in written:
+        if pa.types.is_null(field.type):
+            continue  # a column that was all null in that chunk takes any type
+        now = schema.field(field.name).type if schema.get_field_index(field.name) >= 0 else None
+        if now is None or (now != field.type and not pa.types.is_null(now)):
+            raise DataError(f"{shard}: column {field.name} is {field.type} there but {now or 'absent'} in this run; "
+                            f"the earlier parts come from another model or version: delete {parts} "
+                            "to embed from the start")
 
 
 # ----------------------------------------------------------------------------- reading

@@ -178,10 +178,37 @@ def write_converted(out: Path, family: str, model: nn.Module, config: Any, step:
     return write_checkpoint(Path(out), family, config, model.state_dict(), step, None, **meta)
 
 
-def read_config(directory: Path, cls: type, sets: list[str] | tuple[str, ...] = ()) -> Any:
-    """A checkpoint's config.yaml as the family's config dataclass, with `--set` overrides on top."""
+def load_weights(model: nn.Module, source: str | Path, family: str, component: str | None = None,
+                 exclude: tuple[str, ...] = (), subset: bool = False) -> Path:
+    """The one weight loader (`model.init_from` and friends): `source` is a run directory (its best,
+    else newest checkpoint) or a checkpoint directory; its family (and `component`, for converted
+    parts such as an image backbone) must match; every key and shape must fit, except the keys
+    starting with an `exclude` prefix, which keep the model's own values. With `subset`, the source
+    may hold more than the model (a CLIP run initialising one classifier branch). Returns the directory."""
+    directory = find_checkpoint(Path(source))
+    meta = check_family(directory, family)
+    if meta.get("component") != component:
+        have = meta.get("component") or "a whole model"
+        raise CheckpointError(f"{directory} holds {have}, not {component or 'a whole model'}")
+    state = read_safetensors(directory / MODEL_FILE)
+    if subset:
+        wanted = set(model.state_dict())
+        state = {k: v for k, v in clean_state_dict(state).items() if k in wanted}
+    if exclude:
+        own = {k: v for k, v in model.state_dict().items() if k.startswith(exclude)}
+        state = {**{k: v for k, v in clean_state_dict(state).items() if not k.startswith(exclude)}, **own}
+    load_state_strict(model, state, str(directory))
+    return directory
+
+
+def read_config(directory: Path, cls: type, sets: list[str] | tuple[str, ...] = (), family: str | None = None) -> Any:
+    """A checkpoint's config.yaml as the family's config dataclass, with `--set` overrides on top
+    (with `family`, the checkpoint's family is checked first, so another family's checkpoint is named
+    as such rather than failing on its config keys)."""
     from fmb.config import ConfigLayers, build, parse_set_option
 
+    if family is not None:
+        check_family(Path(directory), family)
     layers = ConfigLayers()
     layers.add_file(Path(directory) / CONFIG_FILE)
     for option in sets:

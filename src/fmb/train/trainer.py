@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +51,9 @@ from fmb.train.optim import build_adamw, parameter_groups
 from fmb.train.rundir import EXIT_CODES, RunLock, write_status
 from fmb.train.schedule import BestTracker, EarlyStopping, Schedule
 from fmb.train.stop import StopRequest
+
+if TYPE_CHECKING:
+    from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
@@ -154,8 +158,25 @@ class BaseTrainer:
         """Validate the whole configuration (presets, shapes, modality lists) before any work is done:
         raise ConfigError naming the key. Runs first in `setup`, before demo data or models exist."""
 
-    def build_model(self) -> nn.Module:
+    def new_model(self) -> nn.Module:
+        """The architecture the configuration describes, with fresh weights (embedding loads a
+        checkpoint into it; `--random-init` keeps them)."""
         raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The model training starts from: `new_model()` with `model.init_from` loaded, if set, by the
+        one weight loader (a run directory or a step directory of this family)."""
+        model = self.new_model()
+        source = getattr(getattr(self.config, "model", None), "init_from", None)
+        if source:
+            directory = ckpt.load_weights(model, source, self.family)
+            log.info(f"initialised from {directory} (step {ckpt.read_meta(directory).get('step')})")
+        return model
+
+    def demo_data(self) -> tuple[str, dict[str, Any]] | None:
+        """(synthetic data kind, generator options) to write under <run>/data when data.path is unset
+        and data.synthetic > 0 (the demo); None: the family has no demo data."""
+        return None
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         """(train, validation); validation may be None."""
@@ -216,6 +237,27 @@ class BaseTrainer:
     def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
         """Called on every rank after each validation (write sample images, confusion matrices...)."""
 
+    # ------------------------------------------------------------------ embedding hooks (fmb.train.embed)
+
+    def prepare_embedding(self, directory: Path, work: Path) -> None:
+        """Load what `new_model` and the datasets need besides the checkpoint's config (e.g. fitted
+        tokenisers); `work` is a directory for this export's intermediate files, kept until it ends."""
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, Dataset]]:
+        """(split name, dataset) pairs to embed: every split of the run's data (or of `data`) unless
+        `split` names one. Items hold "object_id" and a "targets" dict of columns to carry along. A
+        split the family cannot select is a ConfigError, never ignored."""
+        raise ConfigError(f"'{self.family}' has no embedding export")
+
+    def embed_batch(self, model: nn.Module, batch: Any) -> EmbedBatch:
+        """{modality: vectors} and present masks of a batch already on the device."""
+        raise NotImplementedError
+
+    def random_init_state(self, fresh: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The weights of the `--random-init` baseline: by default all fresh (families keep frozen
+        pretrained parts, e.g. AION's codec)."""
+        return fresh
+
     # ------------------------------------------------------------------ helpers for families
 
     @property
@@ -236,11 +278,15 @@ class BaseTrainer:
 
     @contextlib.contextmanager
     def main_process_first(self) -> Iterator[bool]:
-        """Rank 0 runs the block first; the others wait, then run it (e.g. to read what it wrote)."""
+        """Rank 0 runs the block first; the others wait, then run it (e.g. to read what it wrote).
+        If rank 0 fails, the others are released (and meet the same failure) instead of hanging."""
         if not self.dist.is_main:
             barrier(self.dist)
-        yield self.dist.is_main
-        if self.dist.is_main:
+            yield False
+            return
+        try:
+            yield True
+        finally:
             barrier(self.dist)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -271,6 +317,7 @@ class BaseTrainer:
         self._seed_everything(cfg.seed)
         self.env = build_environment(cfg.device, cfg.precision, cfg.cpu_threads, cfg.tf32)
         self._open_run_dir(resume)
+        self._write_demo_data()
         self.prepare()
         if self.dist.is_main:  # after prepare(), which may fill in paths (demo data)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
@@ -636,6 +683,30 @@ class BaseTrainer:
             self._log_handler = handler
         self.metrics_log = MetricsLog(self.run_dir, self.dist.is_main, self.cfg.log_to, self.run_dir.name)
         self._write_status("running", None)
+
+    def _write_demo_data(self) -> None:
+        """The demo hook: `demo_data()` written once under <run>/data (<run>/data/synthetic.json records
+        what), then data.path points at it, so config.yaml and the checkpoints name real files."""
+        data, spec = getattr(self.config, "data", None), self.demo_data()
+        if spec is None or data is None or getattr(data, "path", None) is not None or getattr(data, "synthetic", 0) <= 0:
+            return
+        kind, options = spec
+        target = self.run_dir / "data"
+        marker = target / "synthetic.json"
+        wanted = {"kind": kind, "n": data.synthetic, "seed": self.cfg.seed, "options": options}
+        with self.main_process_first() as is_main:
+            if is_main and marker.is_file():
+                record = json.loads(marker.read_text())
+                if {key: record.get(key) for key in wanted} != json.loads(json.dumps(wanted)):
+                    raise ConfigError(f"{target} holds synthetic data made with {record}, not {wanted}: "
+                                      "choose another --out, or delete it")
+            elif is_main:
+                log.info(f"writing {data.synthetic} synthetic '{kind}' objects to {target}")
+                from fmb.models import write_synthetic
+
+                path = write_synthetic(kind, target, data.synthetic, self.cfg.seed, **options)
+                marker.write_text(json.dumps({**wanted, "path": str(path)}, indent=1))
+        data.path = json.loads(marker.read_text())["path"]
 
     def _write_status(self, status: str, exit_code: int | None, result: RunResult | None = None, **extra: Any) -> None:
         """status.json on rank 0, once the run directory is ours (see fmb.train.rundir)."""

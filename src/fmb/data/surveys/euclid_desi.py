@@ -85,27 +85,34 @@ def open_split(path: str, split: str, columns: list[str], val_split: str | None,
     return SplitRows(source, indices)
 
 
-def embedding_rows(data: str | None, split: str | None, columns: list[str], cfg: Any, seed: int) -> tuple[SplitRows, list[str]]:
-    """Rows for `fmb embed` and the scalar target columns to carry along (redshift, truth_*).
+def target_columns(path: str, columns: list[str]) -> list[str]:
+    """The scalar columns `fmb embed` carries along: redshift and the latent truth (truth_*)."""
+    return [c for c in column_names(path) if (c == "redshift" or c.startswith("truth_")) and c not in columns]
 
-    With `--data`, that dataset (naming `--split` when it has several); without, the run's
-    dataset (`cfg.path`) and its validation split unless `--split` says otherwise.
+
+def embedding_splits(data: str | None, split: str | None, columns: list[str], cfg: Any, seed: int
+                     ) -> list[tuple[str, SplitRows]]:
+    """(split name, rows) for `fmb embed`: every object by default, `split` narrows.
+
+    Without `data`, the run's dataset (`cfg.path`) with the run's own splits: "train" and "validation"
+    (the hold-out of train, when the data has no validation split) and any other split it holds
+    (e.g. "test"). With `data`, the splits that dataset holds, as named (or "all" for a single file).
     """
     path = data or cfg.path
     if path is None:
         raise ConfigError("the checkpoint's config has no data.path: pass --data")
-    targets = [c for c in column_names(path) if (c == "redshift" or c.startswith("truth_")) and c not in columns]
+    named = available_splits(Path(path)) if _split_name(path, "any") is not None else []
     if data is None:
-        rows = open_split(path, split or "validation", columns + targets, cfg.val_split, cfg.val_fraction, seed,
-                          cfg.train_split)
+        others = [s for s in named if s not in (cfg.train_split, cfg.val_split)]
+        wanted = [split] if split else ["train", "validation", *others]
+        selected = [(name, open_split(path, name, columns, cfg.val_split, cfg.val_fraction, seed, cfg.train_split))
+                    for name in wanted]
     else:
-        splits = available_splits(Path(data))
-        if split is None and len(splits) > 1:
-            raise ConfigError(f"{data} has splits {', '.join(splits)}: choose one with --split")
-        rows = open_split(data, split or (splits[0] if splits else "all"), columns + targets, None, 0.0, 0)
-    if len(rows) == 0:
-        raise DataError("nothing to embed: the selected split is empty")
-    return rows, targets
+        choices = named or ["all"]
+        if split is not None and split not in choices:
+            raise ConfigError(f"--split {split}: {data} has {', '.join(choices)}")
+        selected = [(name, open_split(data, name, columns, None, 0.0, 0)) for name in ([split] if split else choices)]
+    return [(name, rows) for name, rows in selected if len(rows)]
 
 
 def scalar_values(row: dict, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:

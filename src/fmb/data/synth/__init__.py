@@ -1,21 +1,18 @@
 """Synthetic datasets written in the exact schemas of the real ones (latent truth as columns).
 
-Each kind is a function `write(out_dir, n, seed) -> Path` in its own module, listed here
-without importing it. Generators make and write `CHUNK` objects at a time, so memory stays flat
-as `n` grows (the same seed gives the same data).
+Each kind is a function `write(out_dir, n, seed, **options) -> Path` in its own module, listed in
+the registry (fmb.models.SURVEY_KINDS, plus kinds a family brings). Generators make and write
+`CHUNK` objects at a time, so memory stays flat as `n` grows (the same seed gives the same data).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from fmb.errors import ConfigError
 
 CHUNK = 256  # objects generated and written at a time
 
@@ -42,23 +39,3 @@ def write_parquet(path: Path, tables: Iterable[pa.Table], schema: pa.Schema | No
             writer.close()
     os.replace(tmp, path)
     return path
-
-# kind -> ("module:function", summary)
-SYNTH_KINDS: dict[str, tuple[str, str]] = {
-    "euclid-desi": ("fmb.data.synth.euclid_desi:write", "Euclid VIS/NISP cutouts + RGB + DESI spectra (parquet)"),
-    "astrom3": ("fmb.data.synth.astrom3:write", "AstroM3 variable stars: light curves, LAMOST-like spectra, metadata, 10 classes"),
-    "splus": ("fmb.data.synth.splus:write", "S-PLUS hypercube fields (datacube_<FIELD>.parquet) for astromodal"),
-    "astroclip": ("fmb.data.synth.astroclip:write", "Legacy Survey g,r,z images + DESI spectra (AstroCLIP HDF5)"),
-}
-
-
-def write_synthetic(kind: str, out: Path, n: int, seed: int) -> Path:
-    if kind not in SYNTH_KINDS:
-        valid = ", ".join(sorted(SYNTH_KINDS)) or "(none yet)"
-        raise ConfigError(f"unknown synthetic data kind '{kind}'. Valid kinds: {valid}")
-    if n <= 0:
-        raise ConfigError(f"-n must be positive, got {n}")
-    target, _ = SYNTH_KINDS[kind]
-    module_name, function = target.split(":")
-    writer = getattr(importlib.import_module(module_name), function)
-    return writer(Path(out), n, seed)

@@ -77,5 +77,5 @@ class EuclidBands(Dataset):
             image, mask = band_image(row[column], self.size, self.fit, where)
             images.append(image * factor)
             masks.append(mask)
-        return {"object_id": torch.tensor(object_id, dtype=torch.int64),
-                "euclid": torch.stack(images), "valid": torch.stack(masks), **scalar_values(row, self.extra_columns)}
+        return {"object_id": torch.tensor(object_id, dtype=torch.int64), "euclid": torch.stack(images),
+                "valid": torch.stack(masks), "targets": scalar_values(row, self.extra_columns)}

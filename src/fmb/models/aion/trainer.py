@@ -13,13 +13,18 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmb.data.surveys.euclid_desi import EUCLID_BAND_COLUMNS, open_split
+from fmb.data.surveys.euclid_desi import (
+    EUCLID_BAND_COLUMNS,
+    embedding_splits,
+    open_split,
+    target_columns,
+)
 from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
 from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm
@@ -28,6 +33,7 @@ from fmb.models.aion.standin import ensure_standin
 from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
+from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
@@ -104,19 +110,11 @@ def build_adapters(cfg: AionModelConfig, codec: AionImageCodec) -> AionAdapters:
                         clamp_decoded=cfg.codec.clamp_decoded, latent_consistency=cfg.latent_weight > 0)
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    directory = ckpt.find_checkpoint(Path(path))
-    ckpt.check_family(directory, FAMILY)
-    return directory
-
-
-def load_checkpoint_model(checkpoint: str | Path, sets: list[str] | None = None) -> tuple[AionAdapters, AionConfig, Path]:
-    """An aion checkpoint (step dir or run dir) -> its model (codec shape from its config), strictly loaded."""
-    directory = checkpoint_dir(checkpoint)
-    config = ckpt.read_config(directory, AionConfig, sets or [])
-    model = build_adapters(config.model, AionImageCodec(config.model.codec.shape))
-    ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
-    return model, config, directory
+def grid_pool(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, 2C) float32: per-channel mean, then standard deviation, over the grid. The
+    mean keeps colour and flux, the spread how the object fills the grid (size, concentration)."""
+    features = features.float()
+    return torch.cat([features.mean(dim=(-1, -2)), features.std(dim=(-1, -2))], dim=1)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -129,18 +127,14 @@ class AionTrainer(BaseTrainer):
     config_cls = AionConfig
     summary_keys = ("recon",)
 
+    def check_config(self) -> None:
+        check_config(self.config.model)
+
+    def demo_data(self) -> tuple[str, dict[str, Any]]:
+        return "euclid-desi", {"image_size": SIZE}
+
     def prepare(self) -> None:
         data = self.config.data
-        check_config(self.config.model)
-        if data.path is None and data.synthetic > 0:
-            target = self.run_dir / "data"
-            with self.main_process_first() as is_main:
-                if is_main and not (target / "data").is_dir():
-                    from fmb.data.synth.euclid_desi import write
-
-                    log.info(f"writing {data.synthetic} synthetic Euclid+DESI objects ({SIZE} px) to {target}")
-                    write(target, data.synthetic, self.cfg.seed, image_size=SIZE)
-            data.path = str(target)
         codec = self.config.model.codec
         if codec.standin_steps:
             directory = self.run_dir / STANDIN_DIR
@@ -155,15 +149,18 @@ class AionTrainer(BaseTrainer):
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")
 
+    def new_model(self) -> nn.Module:
+        """Adapters around a codec of the configured shape (weights from a checkpoint, or fresh)."""
+        return build_adapters(self.config.model, AionImageCodec(self.config.model.codec.shape))
+
     def build_model(self) -> nn.Module:
         cfg = self.config.model
         if cfg.init_from:
             # Adapters and codec from an earlier aion run (e.g. to fine-tune the codec after the adapters).
-            directory = checkpoint_dir(cfg.init_from)
-            cfg.codec.shape = ckpt.read_config(directory, AionConfig).model.codec.shape
-            model = build_adapters(cfg, AionImageCodec(cfg.codec.shape))
-            ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
-            log.info(f"initialised adapters and codec from {directory}")
+            source = ckpt.find_checkpoint(Path(cfg.init_from))
+            cfg.codec.shape = ckpt.read_config(source, AionConfig, family=FAMILY).model.codec.shape
+            model = self.new_model()
+            log.info(f"initialised adapters and codec from {ckpt.load_weights(model, source, FAMILY)}")
         else:
             codec = build_codec(cfg.codec.path, cfg.codec.random_init, cfg.codec.shape)
             cfg.codec.shape = codec.cfg  # recorded in checkpoints, so they rebuild without the codec files
@@ -196,6 +193,23 @@ class AionTrainer(BaseTrainer):
     def build_datasets(self):
         self.val_set = self.datasets_for("validation")
         return self.datasets_for("train"), self.val_set
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, EuclidBands]]:
+        targets = tuple(target_columns(data or self.config.data.path, COLUMNS))
+        splits = embedding_splits(data, split, COLUMNS + list(targets), self.config.data, self.cfg.seed)
+        return [(name, EuclidBands(rows, SIZE, self.config.data.fit, targets)) for name, rows in splits]
+
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """`image`: the codec's pre-quantisation latents of the adapted (HSC-like) image, pooled over
+        the 24 x 24 grid by mean and spread; `image_encoder`: the encoder features before the 1x1
+        projection, pooled likewise."""
+        hsc = model.to_hsc(batch["euclid"])
+        encoded = model.codec.encode_features(hsc, HSC_BANDS)
+        return EmbedBatch({"image": grid_pool(model.codec.pre_quant_proj(encoded)), "image_encoder": grid_pool(encoded)})
+
+    def random_init_state(self, fresh: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Untrained adapters around the same (pretrained) codec: what the adapters learned, alone."""
+        return {k: trained[k] if k.startswith("codec.") else v for k, v in fresh.items()}
 
     def _space(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.model.loss_space == "asinh":

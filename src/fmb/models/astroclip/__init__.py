@@ -2,21 +2,10 @@
 plus SpecFormer's masked-modelling pre-training as its own entry (`fmb retrain specformer`)."""
 
 from fmb.models import Family
-from fmb.models.astroclip.convert import convert
-from fmb.models.astroclip.embed import embed
-from fmb.models.astroclip.trainer import AstroCLIPTrainer, SpecFormerTrainer
 
-FAMILY = Family(
-    name="astroclip",
-    summary="contrastive image (ViT) / spectrum (SpecFormer) alignment, AstroCLIP",
-    trainer=AstroCLIPTrainer,
-    convert=convert,
-    embed=embed,
-)
-
-SPECFORMER = Family(
-    name="specformer",
-    summary="SpecFormer masked-modelling pre-training on DESI spectra (AstroCLIP's spectrum encoder)",
-    trainer=SpecFormerTrainer,
-    convert=convert,
-)
+FAMILIES = [
+    Family(name="astroclip", summary="contrastive image (ViT) / spectrum (SpecFormer) alignment, AstroCLIP",
+           trainer="fmb.models.astroclip.trainer:AstroCLIPTrainer", convert="fmb.models.astroclip.convert:convert"),
+    Family(name="specformer", summary="SpecFormer masked-modelling pre-training on DESI spectra (AstroCLIP's spectrum encoder)",
+           trainer="fmb.models.astroclip.trainer:SpecFormerTrainer", convert="fmb.models.astroclip.convert:convert"),
+]

@@ -23,7 +23,13 @@ from torch.utils.data import Dataset
 
 from fmb.data.hdf5 import HDF5Source
 from fmb.data.surveys.astroclip import FIELDS
-from fmb.data.surveys.euclid_desi import DESI_PIXELS, SplitRows, desi_flux, rgb_tensor
+from fmb.data.surveys.euclid_desi import (
+    DESI_PIXELS,
+    SplitRows,
+    desi_flux,
+    rgb_tensor,
+    scalar_values,
+)
 from fmb.errors import DataError
 
 log = logging.getLogger("fmb")
@@ -109,13 +115,15 @@ class AstroClipHDF5(_Augmented):
         if spectrum.shape != (self.spectrum_length,):
             raise DataError(f"{self.where(index)}: field 'spectrum' has shape {row['spectrum'].shape}, "
                             f"expected ({self.spectrum_length}, 1)")
+        has_spectrum = bool(np.isfinite(spectrum).any())
+        targetid = torch.tensor(int(row["targetid"]), dtype=torch.int64)
         item = {
             "spectrum": torch.from_numpy(np.nan_to_num(spectrum.astype(np.float32))),
-            "valid": torch.tensor(bool(np.isfinite(spectrum).any())),
-            "redshift": torch.tensor(float(row["redshift"]), dtype=torch.float32),
-            "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
+            "valid": torch.tensor(has_spectrum), "has_spectrum": torch.tensor(has_spectrum),
+            "has_image": torch.tensor(self.images),
+            "object_id": targetid,
+            "targets": {"redshift": torch.tensor(float(row["redshift"]), dtype=torch.float32), "targetid": targetid},
         }
-        item["object_id"] = item["targetid"]
         if self.images:
             image = row["image"]
             if image.ndim != 3 or image.shape[-1] != 3:
@@ -130,9 +138,11 @@ class EuclidDesiPairs(_Augmented):
     """Euclid RGB images and DESI spectra from the Euclid + DESI matched sample."""
 
     def __init__(self, rows: SplitRows, image_size: int, spectrum_length: int = DESI_PIXELS,
-                 augment: bool = False, seed: int = 0, images: bool = True, resample_spectra: bool = False) -> None:
+                 augment: bool = False, seed: int = 0, images: bool = True, resample_spectra: bool = False,
+                 extra_columns: tuple[str, ...] = ()) -> None:
         super().__init__(augment, seed)
         self.rows = rows
+        self.extra_columns = tuple(c for c in extra_columns if c != "redshift")  # carried along (for embeddings)
         self.image_size = image_size
         self.spectrum_length = spectrum_length
         self.images = images
@@ -149,9 +159,9 @@ class EuclidDesiPairs(_Augmented):
         object_id = int(row["object_id"])
         where = f"object_id {object_id}, {self.rows.where(index)}"
         item = {
-            "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
-            "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
             "object_id": torch.tensor(object_id, dtype=torch.int64),
+            "targets": {"targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
+                        **scalar_values(row, ("redshift", *self.extra_columns))},
             "fault_spectrum": "",
         }
         try:
@@ -159,21 +169,24 @@ class EuclidDesiPairs(_Augmented):
         except DataError as exc:
             item["fault_spectrum"] = f"{exc} ({where})"
             flux = None
-        valid = flux is not None
+        item["has_spectrum"] = torch.tensor(flux is not None)
         spectrum = np.zeros(self.spectrum_length, dtype=np.float32)
         if flux is not None:
             # Bad pixels take the object's mean flux, so they do not move its standardisation much.
             filled = np.where(np.isfinite(flux), flux, np.nanmean(flux))[: self.spectrum_length]
             spectrum[: len(filled)] = filled
         item["spectrum"] = torch.from_numpy(spectrum)
+        has_image = False
         if self.images:
             item["fault_image"] = ""
             try:
-                image = self.maybe_augment(rgb_tensor(row["RGB_image"], self.image_size), index).contiguous()
+                image, has_image = self.maybe_augment(rgb_tensor(row["RGB_image"], self.image_size), index).contiguous(), True
             except DataError as exc:
                 if row["RGB_image"] is not None:
                     item["fault_image"] = f"{exc} ({where})"
-                image, valid = torch.zeros(3, self.image_size, self.image_size), False
+                image = torch.zeros(3, self.image_size, self.image_size)
             item["image"] = image
-        item["valid"] = torch.tensor(valid)
+        item["has_image"] = torch.tensor(has_image)
+        # A contrastive pair needs both; spectrum-only datasets (SpecFormer) need the spectrum.
+        item["valid"] = item["has_spectrum"] & (item["has_image"] | (not self.images))
         return item

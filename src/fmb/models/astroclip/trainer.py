@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fmb.data.surveys.astroclip import TRAIN_FRACTION
-from fmb.data.surveys.euclid_desi import DESI_PIXELS, open_split
-from fmb.errors import CheckpointError, ConfigError
+from fmb.data.surveys.euclid_desi import (
+    DESI_PIXELS,
+    SplitRows,
+    embedding_splits,
+    open_split,
+    target_columns,
+)
+from fmb.embeddings import joint_embedding
+from fmb.errors import ConfigError
 from fmb.models.astroclip.data import EUCLID_COLUMNS, AstroClipHDF5, EuclidDesiPairs
 from fmb.models.astroclip.model import (
     SPECFORMER_PRESETS,
@@ -41,6 +47,7 @@ from fmb.models.astroclip.model import (
 )
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
+from fmb.train.embed import EmbedBatch
 from fmb.train.evaluator import ValidationBatch
 
 log = logging.getLogger("fmb")
@@ -148,17 +155,6 @@ def build_astroclip(cfg: AstroCLIPModelConfig, image_size: int) -> AstroCLIP:
                      cfg.learnable_scale, cfg.image_positions)
 
 
-def load_weights(module: nn.Module, directory: str | Path, family: str, component: str | None = None) -> dict:
-    """Strictly load an fmb checkpoint directory of `family` (and `component`, if any) into `module`."""
-    directory = ckpt.find_checkpoint(Path(directory))
-    meta = ckpt.check_family(directory, family)
-    if meta.get("component") != component:
-        have = meta.get("component") or "a whole model"
-        raise CheckpointError(f"{directory} holds {have}, not {component or 'a whole model'}")
-    ckpt.load_state_strict(module, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
-    return meta
-
-
 def trained_prefixes(cfg: AstroCLIPModelConfig, depth: int) -> tuple[str, ...] | None:
     """Qualified-name prefixes of the trained parameters; None: everything (mode `full`)."""
     if cfg.finetune == "full":
@@ -189,37 +185,48 @@ def apply_finetune(model: AstroCLIP, cfg: AstroCLIPModelConfig) -> None:
 
 
 class _DataMixin:
-    """Synthetic demo data and dataset construction shared by the two trainers."""
+    """Demo data, datasets and embedding rows shared by the two trainers."""
 
-    def _prepare_data(self) -> None:
+    def demo_data(self) -> tuple[str, dict[str, Any]]:
         data = self.config.data
-        if data.path is None and data.synthetic > 0:
-            target = self.run_dir / "data"
-            if data.format != "hdf5":
-                raise ConfigError("data.synthetic writes the AstroCLIP HDF5 schema: set data.format=hdf5")
-            from fmb.data.surveys.astroclip import FILE_NAME
-            from fmb.data.synth.astroclip import write
+        if data.format == "hdf5":
+            return "astroclip", {"image_size": data.synthetic_image_size}
+        return "euclid-desi", {}
 
-            with self.main_process_first() as is_main:
-                if is_main and not (target / FILE_NAME).is_file():
-                    log.info(f"writing {data.synthetic} synthetic AstroCLIP objects to {target}")
-                    write(target, data.synthetic, self.cfg.seed, data.synthetic_image_size)
-            data.path = str(target / FILE_NAME)
-        if data.path is None:
+    def prepare(self) -> None:
+        if self.config.data.path is None:
             raise ConfigError("data.path is not set: point it at the AstroCLIP HDF5 file (paths_local.yaml: "
                               "astroclip_h5) or Euclid+DESI data with data.format=euclid_desi, or add --demo")
 
-    def dataset(self, split: str, images: bool) -> Dataset:
+    def dataset(self, split: str, images: bool, path: str | None = None, rows: SplitRows | None = None,
+                targets: tuple[str, ...] = ()) -> Dataset:
+        """A split of the run's data, of another HDF5 file (`path`) or given Euclid+DESI rows;
+        augmentation only when training."""
         data = self.config.data
-        training = split == "train"
+        training = split == "train" and rows is None and path is None
         if data.format == "hdf5":
-            fraction = (0.0, data.train_fraction) if training else (data.train_fraction, 1.0)
-            return AstroClipHDF5(data.path, fraction, data.image_size, data.spectrum_length,
+            fraction = {"train": (0.0, data.train_fraction), "validation": (data.train_fraction, 1.0),
+                        "all": (0.0, 1.0)}[split]
+            return AstroClipHDF5(path or data.path, fraction, data.image_size, data.spectrum_length,
                                  augment=training and data.augment, seed=self.cfg.seed, images=images)
-        rows = open_split(data.path, split, EUCLID_COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
-                          data.train_split)
+        if rows is None:
+            rows = open_split(data.path, split, EUCLID_COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
+                              data.train_split)
         return EuclidDesiPairs(rows, data.image_size, data.spectrum_length, augment=training and data.augment,
-                               seed=self.cfg.seed, images=images, resample_spectra=data.resample_spectra)
+                               seed=self.cfg.seed, images=images, resample_spectra=data.resample_spectra,
+                               extra_columns=targets)
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, Dataset]]:
+        images = self.family == FAMILY
+        if self.config.data.format == "hdf5":
+            # HDF5 groups split by position: the run's train / validation parts, or a whole other file.
+            names = ["train", "validation"] if data is None else ["all"]
+            if split is not None and split not in names:
+                raise ConfigError(f"--split for {'this run' if data is None else data} (HDF5) is one of {', '.join(names)}")
+            return [(name, self.dataset(name, images, path=data)) for name in ([split] if split else names)]
+        targets = tuple(target_columns(data or self.config.data.path, EUCLID_COLUMNS))
+        splits = embedding_splits(data, split, EUCLID_COLUMNS + list(targets), self.config.data, self.cfg.seed)
+        return [(name, self.dataset(name, images, rows=rows, targets=targets)) for name, rows in splits]
 
 
 # ----------------------------------------------------------------------------- AstroCLIP
@@ -241,21 +248,18 @@ class AstroCLIPTrainer(_DataMixin, BaseTrainer):
     config_cls = AstroCLIPConfig
     summary_keys = ("scale",)
 
-    def prepare(self) -> None:
-        self._prepare_data()
+    def new_model(self) -> nn.Module:
+        return build_astroclip(self.config.model, self.config.data.image_size)
 
     def build_model(self) -> nn.Module:
         cfg = self.config.model
-        model = build_astroclip(cfg, self.config.data.image_size)
-        if cfg.init_from:
-            meta = load_weights(model, cfg.init_from, FAMILY)
-            log.info(f"initialised from {cfg.init_from} (step {meta.get('step')})")
+        model = super().build_model()  # with model.init_from
         if cfg.image_init_from:
-            load_weights(model.image_encoder.backbone, cfg.image_init_from, FAMILY, IMAGE_BACKBONE)
-            log.info(f"image backbone from {cfg.image_init_from}")
+            source = ckpt.load_weights(model.image_encoder.backbone, cfg.image_init_from, FAMILY, IMAGE_BACKBONE)
+            log.info(f"image backbone from {source}")
         if cfg.spectrum_init_from:
-            load_weights(model.spectrum_encoder.backbone, cfg.spectrum_init_from, SPECFORMER_FAMILY)
-            log.info(f"spectrum backbone from {cfg.spectrum_init_from}")
+            source = ckpt.load_weights(model.spectrum_encoder.backbone, cfg.spectrum_init_from, SPECFORMER_FAMILY)
+            log.info(f"spectrum backbone from {source}")
         if cfg.finetune != "full" and not (cfg.init_from or (cfg.image_init_from and cfg.spectrum_init_from)):
             log.warning(f"model.finetune={cfg.finetune} keeps backbones frozen, but they were not loaded "
                         "(model.init_from, or model.image_init_from and model.spectrum_init_from): "
@@ -281,6 +285,16 @@ class AstroCLIPTrainer(_DataMixin, BaseTrainer):
         if name.startswith("spectrum_encoder.backbone."):
             return cfg.spectrum_lr
         return None
+
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """Image and spectrum in the shared space, L2-normalised, each where the object has it (a
+        single-modality object still gets its one embedding); joint = normalize(image + spectrum)."""
+        image, spectrum, _ = model(batch["image"], batch["spectrum"])
+        vectors = {"image": F.normalize(image.float(), dim=-1), "spectrum": F.normalize(spectrum.float(), dim=-1)}
+        present = {"image": batch["has_image"], "spectrum": batch["has_spectrum"]}
+        vectors["joint"] = joint_embedding(vectors, present)
+        present["joint"] = present["image"] | present["spectrum"]
+        return EmbedBatch(vectors, present)
 
     def compute_loss(self, model: nn.Module, batch: dict) -> StepOutput:
         image, spectrum, scale = model(batch["image"], batch["spectrum"])
@@ -327,14 +341,14 @@ class SpecFormerTrainer(_DataMixin, BaseTrainer):
     family = SPECFORMER_FAMILY
     config_cls = SpecFormerConfig
 
-    def prepare(self) -> None:
-        self._prepare_data()
+    def new_model(self) -> nn.Module:
+        return build_specformer(self.config.model)
 
-    def build_model(self) -> nn.Module:
-        model = build_specformer(self.config.model)
-        if self.config.model.init_from:
-            load_weights(model, self.config.model.init_from, SPECFORMER_FAMILY)
-        return model
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """`spectrum`: SpecFormer's final token embeddings averaged over the tokens."""
+        shape = model.shape
+        embedding, _ = model(spectrum_tokens(batch["spectrum"], shape.slice_length, shape.slice_stride))
+        return EmbedBatch({"spectrum": embedding.float().mean(dim=1)}, {"spectrum": batch["has_spectrum"]})
 
     def build_datasets(self):
         return self.dataset("train", images=False), self.dataset("validation", images=False)

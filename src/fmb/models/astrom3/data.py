@@ -36,8 +36,7 @@ class AstroM3DataConfig:
     label_fraction: float = 1.0  # fine-tuning: keep this fraction of the training labels (hash of id and train.seed)
     bad_rows: Literal["error", "mask"] = "error"
     cache_row_groups: int = 64
-    # --demo: write this many synthetic objects under <run dir>/data when data.path is unset.
-    synthetic_objects: int = 0
+    synthetic: int = 0  # > 0 (--demo): write this many synthetic objects under <out>/data and train on them
 
 
 class BadRow(ValueError):

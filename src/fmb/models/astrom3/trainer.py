@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from fmb.errors import CheckpointError, ConfigError
+from fmb.data.tables import available_splits
+from fmb.embeddings import OLD_NAMES, joint_embedding
+from fmb.errors import ConfigError
 from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset, metadata_statistics
 from fmb.models.astrom3.model import CLIP_PAIRS, AstroM3, AstroM3ModelConfig, trimodal_clip_loss
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
+from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
@@ -37,32 +40,6 @@ INPUTS = ("photometry", "photometry_mask", "spectra", "metadata")
 class AstroM3Config(BaseTrainingConfig):
     model: AstroM3ModelConfig = field(default_factory=AstroM3ModelConfig)
     data: AstroM3DataConfig = field(default_factory=AstroM3DataConfig)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def load_checkpoint_config(directory: Path) -> AstroM3Config:
-    ckpt.check_family(directory, "astrom3")
-    return ckpt.read_config(directory, AstroM3Config)
-
-
-def load_pretrained(model: AstroM3, source: str | Path) -> Path:
-    """Copy every encoder, projection and metadata-statistics tensor the model has from an
-    astrom3 checkpoint (a CLIP run holds all of them); the classification head stays new."""
-    directory = ckpt.find_checkpoint(Path(source))
-    ckpt.check_family(directory, "astrom3")
-    state = ckpt.read_safetensors(directory / ckpt.MODEL_FILE)
-    wanted = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    missing = [k for k in wanted if k not in state]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in wanted.items() if k in state and state[k].shape != v.shape]
-    if missing or wrong:
-        raise CheckpointError(
-            f"{directory} cannot initialise this model (model.* architecture settings must match the "
-            f"checkpoint's): missing {missing[:8]}, shape mismatch {wrong[:8]}")
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
-    return directory
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -122,20 +99,12 @@ class AstroM3Trainer(BaseTrainer):
 
     # -------------------------------------------------------------- data
 
-    def prepare(self) -> None:
-        data = self.config.data
-        if data.path is not None:
-            return
-        if data.synthetic_objects <= 0:
-            raise ConfigError("set data.path to an AstroM3 parquet directory (or ${paths.astrom3}), or use --demo")
-        from fmb.data.synth.astrom3 import write
+    def demo_data(self) -> tuple[str, dict[str, Any]]:
+        return "astrom3", {}
 
-        target = self.run_dir / "data"
-        with self.main_process_first():
-            if not (target / "train-00000-of-00001.parquet").is_file():
-                log.info(f"writing {data.synthetic_objects} synthetic AstroM3 objects to {target}")
-                write(target, data.synthetic_objects, self.cfg.seed)
-        data.path = str(target)  # recorded in the checkpoints' config.yaml
+    def prepare(self) -> None:
+        if self.config.data.path is None:
+            raise ConfigError("set data.path to an AstroM3 parquet directory (or ${paths.astrom3}), or use --demo")
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         data = self.config.data
@@ -150,14 +119,19 @@ class AstroM3Trainer(BaseTrainer):
 
     # -------------------------------------------------------------- model
 
+    def new_model(self) -> nn.Module:
+        return AstroM3(self.config.model, num_classes=len(self.classes))
+
     def build_model(self) -> nn.Module:
         cfg = self.config.model
-        model = AstroM3(cfg, num_classes=len(self.classes))
+        model = self.new_model()
         if self.metadata_stats is not None:
             mean, std = self.metadata_stats
             model.set_metadata_stats(torch.from_numpy(mean), torch.from_numpy(std))
         if cfg.init_from:
-            source = load_pretrained(model, cfg.init_from)
+            # Every encoder, projection and the metadata statistics this model has, from an astrom3 run
+            # (a CLIP run holds all of them); the classification head stays new.
+            source = ckpt.load_weights(model, cfg.init_from, self.family, exclude=("head.",), subset=True)
             log.info(f"encoders and metadata statistics initialised from {source}")
         if cfg.freeze_encoders:
             for name, param in model.named_parameters():
@@ -212,6 +186,36 @@ class AstroM3Trainer(BaseTrainer):
 
     def compute_loss(self, model: nn.Module, batch: Any) -> StepOutput:
         return self._step(model, batch, evaluating=False)[0]
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, Dataset]]:
+        path = data or self.config.data.path
+        if path is None:
+            raise ConfigError("the checkpoint's config names no data path (converted weights?): pass --data")
+        names = available_splits(Path(path)) if Path(path).is_dir() else []
+        if split is not None and names and split not in names:
+            raise ConfigError(f"--split {split}: {path} has {', '.join(names)}")
+        chosen = [split] if split else (names or [None])
+        return [(name or "all", AstroM3Dataset(path, name, self.classes, self.config.model.seq_len, train=False,
+                                               bad_rows="mask", strict_labels=False)) for name in chosen]
+
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """Per modality the projected embedding (null for rows left out as bad input), joint =
+        normalised sum; the label (null outside the run's classes), class index and, for
+        classifiers, the predicted class."""
+        out = model(*(batch[k] for k in INPUTS))
+        valid = batch["valid"]
+        names = np.array(self.classes, dtype=object)
+        index = batch["label"].cpu().numpy()
+        targets = {"label": [names[i] if i >= 0 else None for i in index], "class_index": index.astype(np.int32),
+                   "valid": valid.cpu().numpy()}
+        if "logits" in out:
+            targets["predicted"] = names[out["logits"].argmax(1).cpu().numpy()].tolist()
+        vectors = {OLD_NAMES.get(name, name): out[name].float() for name in model.modalities}
+        present = {name: valid for name in vectors}
+        if len(vectors) > 1:
+            vectors["joint"] = joint_embedding(vectors, present)
+            present["joint"] = valid
+        return EmbedBatch(vectors, present, targets)
 
     def validation_step(self, model: nn.Module, batch: Any) -> dict[str, tuple[torch.Tensor, float]]:
         _, sums = self._step(model, batch, evaluating=True)

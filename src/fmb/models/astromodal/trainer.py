@@ -31,6 +31,7 @@ from fmb.models.astromodal.tokenize import (
 )
 from fmb.models.astromodal.tokenizers import TokenizerConfig
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
@@ -38,8 +39,7 @@ log = logging.getLogger("fmb")
 @dataclass
 class AstromodalDataConfig:
     path: str | None = None  # directory of datacube_<FIELD>.parquet files (or one file)
-    # When path is unset: write this many synthetic objects under <out>/data (the demo).
-    synthetic_objects: int | None = None
+    synthetic: int = 0  # > 0 (--demo) and no path: write this many synthetic objects under <out>/data
     tokenizers: str | None = None  # fitted tokenisers; default <out>/tokenizers, fitted there if absent
     tokens: str | None = None  # token shards; default <out>/tokens, encoded there if absent
     val_fraction: float = 0.05  # objects held out by a hash of their id
@@ -63,15 +63,8 @@ def prepare_tokens(config: AstromodalConfig, run_dir: Path, main: bool) -> tuple
         return tok_dir, shard_dir
     path = data.path
     if path is None:
-        if data.synthetic_objects is None:
-            raise ConfigError("set data.path to a directory of datacube_<FIELD>.parquet files "
-                              "(or data.tokens to encoded shards), or use --demo")
-        path = str(run_dir / "data")
-        if not any(Path(path).glob("datacube_*.parquet")):
-            from fmb.data.synth.splus import write
-
-            write(Path(path), data.synthetic_objects, config.train.seed)
-            log.info(f"wrote {data.synthetic_objects} synthetic S-PLUS objects to {path}")
+        raise ConfigError("set data.path to a directory of datacube_<FIELD>.parquet files "
+                          "(or data.tokens to encoded shards), or use --demo")
     if not (tok_dir / CONFIG_FILE).is_file():
         fit_tokenizers(path, tok_dir, config.tokenizer, list(KINDS))
     if not (shard_dir / "meta.json").is_file():
@@ -84,20 +77,79 @@ class AstromodalTrainer(BaseTrainer):
     config_cls = AstromodalConfig
     summary_keys = ("ce",)
 
+    def demo_data(self) -> tuple[str, dict[str, Any]]:
+        return "splus", {}
+
     def prepare(self) -> None:
         with self.main_process_first() as main:
             tok_dir, shard_dir = prepare_tokens(self.config, self.run_dir, main)
-        self.tokenizers = Tokenizers.load(tok_dir)
+        self._load_tokenizers(tok_dir)
+        self.shards = self._check_shards(TokenShards(shard_dir), tok_dir)
+
+    def _load_tokenizers(self, directory: Path) -> None:
+        self.tokenizers = Tokenizers.load(directory)
         self.vocab = self.tokenizers.vocabulary()
-        self.shards = TokenShards(shard_dir)
-        if self.shards.meta.get("vocabulary") != self.vocab.to_json():
-            raise DataError(f"{shard_dir} was encoded with other tokenisers than {tok_dir}; "
+
+    def _check_shards(self, shards: TokenShards, tok_dir: Path) -> TokenShards:
+        if shards.meta.get("vocabulary") != self.vocab.to_json():
+            raise DataError(f"{shards.dir} was encoded with other tokenisers than {tok_dir}; "
                             "re-encode it (`fmb tokenize encode`) or point data.tokenizers at the right ones")
+        return shards
+
+    def new_model(self) -> nn.Module:
+        return AstromodalTransformer(self.config.model, self.vocab, self.tokenizers.image.latent)
 
     def build_model(self) -> nn.Module:
-        model = AstromodalTransformer(self.config.model, self.vocab, self.tokenizers.image.latent)
+        model = super().build_model()
         load_targets(model, self.tokenizers)
         return model
+
+    def prepare_embedding(self, directory: Path, work: Path) -> None:
+        """The run's fitted tokenisers (data.tokenizers, else <run>/tokenizers); fields given with
+        --data are encoded with them into `work`."""
+        run_dir = Path(self.cfg.out) if self.cfg.out else Path(directory).parent.parent
+        self.tokenizer_dir = Path(self.config.data.tokenizers) if self.config.data.tokenizers else run_dir / "tokenizers"
+        self._load_tokenizers(self.tokenizer_dir)
+        self.run_tokens = Path(self.config.data.tokens) if self.config.data.tokens else run_dir / "tokens"
+        self.embed_work = work
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, Dataset]]:
+        """The run's token shards split as in training (train / validation hold-out by id), or the
+        fields (or shards) given with --data, whole."""
+        if data is None:
+            shards = self._check_shards(TokenShards(self.run_tokens), self.tokenizer_dir)
+            keys = shards.objects(["key"]).column("key").to_numpy()
+            held = holdout_mask(keys, self.config.data.val_fraction, self.config.data.split_seed)
+            choices = {"train": np.flatnonzero(~held), "validation": np.flatnonzero(held)}
+        else:
+            directory = Path(data)
+            if not (directory / "meta.json").is_file():  # hypercube fields: encode them first
+                directory = self.embed_work / "tokens"
+                with self.main_process_first() as main:
+                    if main and not (directory / "meta.json").is_file():
+                        encode_dataset(data, self.tokenizer_dir, directory)
+            shards = self._check_shards(TokenShards(directory), self.tokenizer_dir)
+            choices = {"all": np.arange(len(shards))}
+        if split is not None and split not in choices:
+            raise ConfigError(f"--split {split}: astromodal embeds {', '.join(choices)} here")
+        objects = shards.objects()
+        self.embed_ids = np.asarray(objects.column("id").to_pylist(), dtype=object)
+        self.embed_targets = {name: objects.column(name).to_numpy(zero_copy_only=False)
+                              for name in objects.column_names if name not in ("id", "key")}
+        max_len = self.config.model.max_len
+        return [(name, SequenceDataset(shards, self.vocab, max_len, rows))
+                for name, rows in choices.items() if split in (None, name)]
+
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """`joint`: the final hidden states averaged over the object's real tokens (every modality it
+        has); the object's field file and truth columns carried along."""
+        tokens, types, mask = batch["tokens"], batch["types"], batch["mask"]
+        _, hidden = model(tokens, types, mask, return_hidden=True)
+        weights = mask[..., None].float()
+        rows = batch["index"].cpu().numpy()
+        targets = {name: values[rows] for name, values in self.embed_targets.items()}
+        return EmbedBatch({"joint": (hidden.float() * weights).sum(1) / weights.sum(1)}, targets=targets,
+                          ids=self.embed_ids[rows])
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
         objects = self.shards.objects(["id", "key"])

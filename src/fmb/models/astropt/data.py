@@ -48,7 +48,7 @@ class EuclidDesiPatches(Dataset):
                  extra_columns: tuple[str, ...] = (), resample_spectra: bool = False) -> None:
         self.rows = rows
         self.resample_spectra = resample_spectra
-        self.extra_columns = extra_columns  # scalar columns passed through (latent truth, for embeddings)
+        self.extra_columns = tuple(c for c in extra_columns if c != "redshift")  # carried along (truth, for embeddings)
         self.modalities = {m.name: m for m in modalities}
         self.image_size = image_size
         self.spectrum_length = spectrum_length
@@ -69,10 +69,9 @@ class EuclidDesiPatches(Dataset):
         object_id = int(row["object_id"])
         item = {
             "object_id": torch.tensor(object_id, dtype=torch.int64),
-            "targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
-            "redshift": torch.tensor(float(row["redshift"]) if row["redshift"] is not None else float("nan")),
+            "targets": {"targetid": torch.tensor(int(row["targetid"]), dtype=torch.int64),
+                        **scalar_values(row, ("redshift", *self.extra_columns))},
         }
-        item.update(scalar_values(row, self.extra_columns))
         where = f"object_id {object_id}, {self.rows.where(i)}"
         if "images" in self.modalities:
             patch = self.modalities["images"].patch_size

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fmb.data.surveys.euclid_desi import DESI_PIXELS, open_split
+from fmb.data.surveys.euclid_desi import (
+    DESI_PIXELS,
+    SplitRows,
+    embedding_splits,
+    open_split,
+    target_columns,
+)
+from fmb.embeddings import OLD_NAMES, joint_embedding
 from fmb.errors import ConfigError
 from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
-from fmb.train import checkpoint as ckpt
+from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
@@ -42,7 +49,11 @@ class AstroPTModelConfig:
     bias: bool = False
     tokeniser: Literal["aim", "affine"] = "aim"
     modalities: list[Modality] = field(default_factory=default_modalities)
-    init_from: str | None = None  # fmb checkpoint directory (e.g. from `fmb convert astropt`) to start from
+    init_from: str | None = None  # fmb astropt run or checkpoint directory (e.g. from `fmb convert astropt`)
+    # `fmb embed`: which block's output (the middle one, before the final norm, or the last, after it),
+    # reduced over each modality's valid tokens.
+    embed_layer: Literal["middle", "last"] = "middle"
+    embed_reduction: Literal["mean", "last", "exp_decay"] = "mean"
 
 
 @dataclass
@@ -103,14 +114,6 @@ def build_astropt(cfg: AstroPTModelConfig) -> AstroPT:
     return AstroPT(model_shape(cfg), cfg.modalities)
 
 
-def load_into(model: nn.Module, directory: str | Path) -> dict[str, Any]:
-    """Load an fmb AstroPT checkpoint directory's weights (strict) into `model`."""
-    directory = Path(directory)
-    meta = ckpt.check_family(directory, FAMILY)
-    ckpt.load_state_strict(model, ckpt.read_safetensors(directory / ckpt.MODEL_FILE), str(directory))
-    return meta
-
-
 class AstroPTTrainer(BaseTrainer):
     family = FAMILY
     config_cls = AstroPTConfig
@@ -120,18 +123,11 @@ class AstroPTTrainer(BaseTrainer):
         check_modalities(self.config.model, self.config.data)
         model_shape(self.config.model)
 
-    def prepare(self) -> None:
-        data = self.config.data
-        if data.path is None and data.synthetic > 0:
-            target = self.run_dir / "data"
-            with self.main_process_first() as is_main:
-                if is_main and not (target / "data").is_dir():
-                    from fmb.data.synth.euclid_desi import write
+    def demo_data(self) -> tuple[str, dict[str, Any]]:
+        return "euclid-desi", {}
 
-                    log.info(f"writing {data.synthetic} synthetic Euclid+DESI objects to {target}")
-                    write(target, data.synthetic, self.cfg.seed)
-            data.path = str(target)
-        if data.path is None:
+    def prepare(self) -> None:
+        if self.config.data.path is None:
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")
         reference_lr = PRESETS.get(self.config.model.preset or "", (0, 0, 0, None))[3]
@@ -139,22 +135,37 @@ class AstroPTTrainer(BaseTrainer):
             log.info(f"note: train.optim.lr={self.cfg.optim.lr:g}; the reference peak lr of preset "
                      f"{self.config.model.preset} is {reference_lr:g}")
 
-    def build_model(self) -> nn.Module:
+    def new_model(self) -> nn.Module:
         model = build_astropt(self.config.model)
-        if self.config.model.init_from:
-            meta = load_into(model, self.config.model.init_from)
-            log.info(f"initialised from {self.config.model.init_from} (step {meta.get('step')})")
         self.modalities = model.modalities
         return model
 
-    def datasets_for(self, split: str) -> EuclidDesiPatches:
+    def dataset(self, rows: SplitRows, targets: tuple[str, ...] = ()) -> EuclidDesiPatches:
         data = self.config.data
-        rows = open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed, data.train_split)
-        return EuclidDesiPatches(rows, self.config.model.modalities, data.image_size, data.spectrum_length,
+        return EuclidDesiPatches(rows, self.config.model.modalities, data.image_size, data.spectrum_length, targets,
                                  resample_spectra=data.resample_spectra)
 
     def build_datasets(self):
-        return self.datasets_for("train"), self.datasets_for("validation")
+        data = self.config.data
+        return tuple(self.dataset(open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
+                                             data.train_split)) for split in ("train", "validation"))
+
+    def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, EuclidDesiPatches]]:
+        targets = tuple(target_columns(data or self.config.data.path, COLUMNS))
+        splits = embedding_splits(data, split, COLUMNS + list(targets), self.config.data, self.cfg.seed)
+        return [(name, self.dataset(rows, targets)) for name, rows in splits]
+
+    def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
+        """Per modality: the configured block's output reduced over its valid tokens, L2-normalised
+        (null where the object lacks the modality); joint = normalize(sum of the normalised ones)."""
+        tokens, positions, masks = model_inputs(self.modalities, batch)
+        cfg = self.config.model
+        raw = model.embed(tokens, positions, masks, layer=cfg.embed_layer, reduction=cfg.embed_reduction)
+        vectors = {OLD_NAMES.get(name, name): F.normalize(v.float(), dim=-1) for name, v in raw.items()}
+        present = {OLD_NAMES.get(name, name): masks[name].any(dim=1) for name in raw}
+        vectors["joint"] = joint_embedding(vectors, present)
+        present["joint"] = torch.stack(list(present.values())).any(dim=0)
+        return EmbedBatch(vectors, present)
 
     def compute_loss(self, model: nn.Module, batch: dict) -> StepOutput:
         tokens, positions, masks = model_inputs(self.modalities, batch)
