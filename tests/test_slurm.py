@@ -16,7 +16,7 @@ import pytest
 
 from fmb import cli
 from fmb.errors import ConfigError
-from fmb.slurm import SHIPPED_MODELS, SlurmJob, render, shipped_jobs
+from fmb.slurm import SlurmJob, render, shipped_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,8 @@ def test_shipped_scripts_are_what_the_renderer_writes_and_parse():
     shipped = {str(p.relative_to(ROOT / "slurm")) for p in (ROOT / "slurm").rglob("*.sbatch")}
     jobs = shipped_jobs()
     assert shipped == set(jobs), "slurm/ is out of date: run `python -m fmb.slurm`"
-    assert {job.model for job in jobs.values()} == set(SHIPPED_MODELS)
+    assert {(job.cluster, job.job) for job in jobs.values()} == {(c, j) for c in ("jean-zay", "candide")
+                                                                  for j in ("retrain", "embed")}
     for relative, job in jobs.items():
         text = (ROOT / "slurm" / relative).read_text()
         assert text == render(job), f"slurm/{relative} differs from the template: run `python -m fmb.slurm`"
@@ -246,3 +247,34 @@ def test_graceful_stop_requeues_and_the_requeued_job_resumes(tmp_path, fake_slur
     assert (run_dir / "checkpoints" / f"step_{stopped[0] + 2:07d}" / "model.safetensors").is_file()
     assert calls(env, "scontrol.calls").count("requeue 4321") == 1
     assert "start 0" in log and "start 1" in log and "requeueing job 4321" in log
+
+
+def test_embed_jobs_run_fmb_embed_and_requeue_after_a_stop(tmp_path, fake_slurm):
+    out = tmp_path / "emb" / "astropt.parquet"
+    job = SlurmJob(model="astropt", cluster="candide", gpus_per_node=2, job="embed", checkpoint=str(tmp_path / "run"),
+                   out=str(out))
+    script = write_script(tmp_path, job)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = batch_env(fake_slurm, 1, 2, "n1", FAKE_SRUN_PROBE="raise SystemExit(75)")
+    result = subprocess.run(["bash", str(script), "--batch-size", "128"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 75
+    assert calls(env, "srun.command") == [
+        f"python -m fmb embed astropt --checkpoint {tmp_path / 'run'} --out {out} --batch-size 128"]
+    assert "requeue 4321" in calls(env, "scontrol.calls")
+    assert (out.parent / "slurm-4321.out").is_file()  # logs next to the embeddings
+    with pytest.raises(ConfigError, match="needs --checkpoint"):
+        render(SlurmJob(model="astropt", cluster="candide", job="embed"))
+
+
+def test_a_training_stop_reported_by_srun_as_a_failure_is_still_requeued(tmp_path, fake_slurm):
+    """srun reports the worst task code; the run's status file says it stopped gracefully."""
+    run_dir = tmp_path / "run"
+    probe = (f"import json, pathlib; d = pathlib.Path({str(run_dir)!r}); d.mkdir(exist_ok=True); "
+             "(d / 'status.json').write_text(json.dumps({'status': 'stopped', 'exit_code': 75, 'step': 3})); "
+             "raise SystemExit(137)")
+    script = write_script(tmp_path, SlurmJob(model="astropt", cluster="candide", gpus_per_node=1, out=str(run_dir)))
+    env = batch_env(fake_slurm, 1, 1, "n1", FAKE_SRUN_PROBE=probe)
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 75, (run_dir / "slurm-4321.out").read_text()
+    assert "requeue 4321" in calls(env, "scontrol.calls")

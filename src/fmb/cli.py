@@ -322,14 +322,16 @@ def slurm(
     qos: Annotated[str | None, typer.Option(help="QoS (default: slurm_qos of paths_local.yaml).")] = None,
     time: Annotated[str | None, typer.Option(help="Time limit per job, [D-]HH:MM:SS (the run continues across requeues).")] = None,
     cpus_per_task: Annotated[int | None, typer.Option(help="Cores per GPU task (default: the node's cores per GPU).")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory on the cluster (default: ${FMB_RUNS:-<cluster runs dir>}/<model>).")] = None,
+    out: Annotated[str | None, typer.Option(help="retrain: run directory on the cluster (default: ${FMB_RUNS:-<cluster runs dir>}/<model>); embed: the parquet file.")] = None,
+    job_kind: Annotated[str, typer.Option("--job", help="retrain, or embed (with --checkpoint and --out).")] = "retrain",
+    checkpoint: Annotated[str | None, typer.Option(help="embed: the run (or step) directory to embed with.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     script: Annotated[Path | None, typer.Option(help="Write the script here (default: print it; with --submit ./fmb-<label>.sbatch).")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="Write the script and submit it with sbatch.")] = False,
     paths: PathsOpt = None,
 ) -> None:
-    """Render an sbatch script for `fmb retrain` (one task per GPU, requeued across time limits)."""
+    """Render an sbatch script for `fmb retrain` or `fmb embed` (one task per GPU, requeued across time limits)."""
     import shutil
     import subprocess
 
@@ -352,7 +354,8 @@ def slurm(
         modules=tuple(str(m) for m in ([modules] if isinstance(modules, str) else modules)),
         setup=tuple(str(s) for s in ([setup] if isinstance(setup, str) else setup)),
         time=time, out=str(Path(out).resolve()) if out and "$" not in out else out,
-        cpus_per_task=cpus_per_task, retrain_args=tuple(extra),
+        cpus_per_task=cpus_per_task, retrain_args=tuple(extra), job=job_kind,
+        checkpoint=str(Path(checkpoint).resolve()) if checkpoint and "$" not in checkpoint else checkpoint,
     )
     text = render(job)
     if submit and script is None:

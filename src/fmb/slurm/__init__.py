@@ -1,11 +1,12 @@
-"""sbatch scripts for `fmb retrain` on Jean-Zay and Candide, rendered from one template.
+"""sbatch scripts for `fmb retrain` and `fmb embed` on Jean-Zay and Candide, rendered from one template.
 
 The template (`templates/job.sbatch`, package data found with importlib.resources) launches
 one srun task per GPU, sends SIGUSR1 to the tasks 120 s before the time limit and requeues
-the job when the trainer stops gracefully (exit 75), so a long run continues across time
-limits with `--resume`. Account, QoS, partition and module lines come from `slurm_*`
-entries of paths_local.yaml or from the command line. `slurm/` in the repository holds the
-scripts rendered for the defaults of `shipped_jobs()`; a test keeps them identical.
+the job when fmb stops gracefully (exit 75), so a long training run continues across time
+limits with `--resume`, and an embedding export with the chunks it has not written yet.
+Account, QoS, partition and module lines come from `slurm_*` entries of paths_local.yaml or
+from the command line. Any registered family renders; `slurm/` in the repository keeps a few
+readable examples (`shipped_jobs()`), which a test keeps identical to what is rendered today.
 
 Why srun and not torchrun: torchrun's agent turns a worker's exit code 75 into its own
 failure code and gives workers only 30 s after SIGTERM, so the requeue decision and the
@@ -62,10 +63,16 @@ CLUSTERS: dict[str, Cluster] = {
     ),
 }
 
-# Families with shipped scripts (a family added later renders the same way with `fmb slurm`).
-SHIPPED_MODELS = ("astropt", "aion", "astroclip", "astrom3", "astromodal")
 SHIPPED_ACCOUNT = "YOUR_PROJECT"  # what shipped Jean-Zay scripts charge: `sbatch -A abc@a100` overrides
 
+# After srun, for training: a rank killed while the others stopped can make srun report another
+# code; the run's own status file (written by rank 0) says whether it stopped gracefully.
+_STATUS_CHECK = """if [ "$status" -ne 0 ] && [ "$status" -ne 75 ]; then
+    recorded=0
+    python -m fmb status "$RUN_DIR" >/dev/null 2>&1 || recorded=$?
+    if [ "$recorded" -eq 75 ]; then status=75; fi
+fi
+"""
 _TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d\d){1,2}$")
 _NAME = re.compile(r"^[A-Za-z0-9_.@/+-]+$")
 
@@ -85,8 +92,10 @@ class SlurmJob:
     time: str | None = None
     out: str | None = None  # run directory; None: ${FMB_RUNS:-<cluster runs_base>}/<model>
     cpus_per_task: int | None = None
-    retrain_args: tuple[str, ...] = ()  # extra `fmb retrain` arguments, e.g. --set k=v
+    retrain_args: tuple[str, ...] = ()  # extra `fmb retrain` / `fmb embed` arguments, e.g. --set k=v
     max_requeues: int = MAX_REQUEUES
+    job: str = "retrain"  # retrain | embed
+    checkpoint: str | None = None  # embed: the run (or step) directory to embed with
 
 
 def cluster_for(name: str) -> Cluster:
@@ -118,8 +127,13 @@ def _checked(job: SlurmJob, cluster: Cluster) -> None:
                          ("constraint", job.constraint), *(("module", m) for m in job.modules)):
         if value is not None and not _NAME.match(value):
             raise ConfigError(f"slurm {label} '{value}' has characters that do not belong in a name")
-    if job.out is not None and re.search(r'["`\\\n]', job.out):
-        raise ConfigError(f"--out '{job.out}' may not contain quotes, backquotes, backslashes or newlines")
+    for label, value in (("--out", job.out), ("--checkpoint", job.checkpoint)):
+        if value is not None and re.search(r'["`\\\n]', value):
+            raise ConfigError(f"{label} '{value}' may not contain quotes, backquotes, backslashes or newlines")
+    if job.job not in ("retrain", "embed"):
+        raise ConfigError(f"--job {job.job}: choose retrain or embed")
+    if job.job == "embed" and not (job.checkpoint and job.out):
+        raise ConfigError("an embed job needs --checkpoint (the run to embed with) and --out (the parquet file)")
 
 
 def _account(job: SlurmJob, cluster: Cluster, constraint: str | None) -> str | None:
@@ -137,11 +151,12 @@ def _account(job: SlurmJob, cluster: Cluster, constraint: str | None) -> str | N
 
 
 def job_label(job: SlurmJob) -> str:
-    """File-name label: <model>[-<constraint>]-<nodes>x<gpus>."""
+    """File-name label: [embed-]<model>[-<constraint>]-<nodes>x<gpus>."""
     cluster = cluster_for(job.cluster)
     constraint, kind = _node_kind(job, cluster)
     gpus = job.gpus_per_node or kind.gpus
-    return "-".join(part for part in (job.model, constraint, f"{job.nodes}x{gpus}") if part)
+    what = "embed" if job.job == "embed" else None
+    return "-".join(part for part in (what, job.model, constraint, f"{job.nodes}x{gpus}") if part)
 
 
 def render(job: SlurmJob) -> str:
@@ -182,17 +197,28 @@ def render(job: SlurmJob) -> str:
     if constraint and constraint != cluster.default_constraint:
         command += f" --constraint {constraint}"
     command += f" --nodes {job.nodes} --gpus-per-node {gpus}"
+    if job.job == "embed":
+        command += " --job embed"
+        # Logs go next to the embeddings; the export resumes from <out>.parts/ by itself.
+        log_dir = f'$(dirname "{job.out}")'
+        fmb = f'embed {job.model} --checkpoint "{job.checkpoint}" --out "{job.out}"'
+    else:
+        log_dir = job.out or f"${{FMB_RUNS:-{cluster.runs_base}}}/{job.model}"
+        fmb = f'retrain {job.model} --out "$RUN_DIR" --resume --no-progress'
     values = {
+        "job": job.job,
         "model": job.model,
         "where": where,
         "command": command,
-        "job_name": f"fmb-{job.model}",
+        "job_name": f"fmb-{job.job}-{job.model}",
         "directives": "".join(f"#SBATCH {d}\n" for d in directives),
         "nodes": str(job.nodes),
         "gpus_per_node": str(gpus),
         "cpus_per_task": str(cpus),
         "time": job.time or cluster.default_time,
-        "run_dir": job.out or f"${{FMB_RUNS:-{cluster.runs_base}}}/{job.model}",
+        "run_dir": log_dir if job.job == "embed" else (job.out or f"${{FMB_RUNS:-{cluster.runs_base}}}/{job.model}"),
+        "fmb": fmb,
+        "status_check": "" if job.job == "embed" else _STATUS_CHECK,
         "max_requeues": str(job.max_requeues),
         "environment": "".join(line + "\n" for line in environment),
         "retrain_args": "".join(" " + shlex.quote(a) for a in job.retrain_args),
@@ -212,17 +238,16 @@ def _fill(template: str, values: dict[str, str]) -> str:
 
 
 def shipped_jobs() -> dict[str, SlurmJob]:
-    """The scripts kept in the repository's slurm/ directory, by path relative to it."""
+    """The readable examples kept in the repository's slurm/ directory, by path relative to it: one
+    training and one embedding job per cluster (everything else is rendered on demand)."""
     jobs = {}
-    for model in SHIPPED_MODELS:
-        for cluster, constraint, nodes, gpus in (
-            ("jean-zay", "a100", 1, 1), ("jean-zay", "a100", 1, 8), ("jean-zay", "a100", 2, 8),
-            ("jean-zay", "h100", 1, 1), ("jean-zay", "h100", 1, 4), ("jean-zay", "h100", 2, 4),
-            ("candide", None, 1, 1), ("candide", None, 1, 4), ("candide", None, 2, 4),
-        ):
-            account = SHIPPED_ACCOUNT if cluster == "jean-zay" else None
-            job = SlurmJob(model=model, cluster=cluster, nodes=nodes, gpus_per_node=gpus,
-                           constraint=constraint, account=account)
+    for cluster, constraint, gpus in (("jean-zay", "a100", 8), ("candide", None, 4)):
+        account = SHIPPED_ACCOUNT if cluster == "jean-zay" else None
+        for kind in ("retrain", "embed"):
+            extra = {"checkpoint": "$SCRATCH/fmb/runs/astropt", "out": "$SCRATCH/fmb/embeddings/astropt.parquet"} \
+                if kind == "embed" else {}
+            job = SlurmJob(model="astropt", cluster=cluster, nodes=1, gpus_per_node=gpus, constraint=constraint,
+                           account=account, job=kind, **extra)
             jobs[f"{cluster}/{job_label(job)}.sbatch"] = job
     return jobs
 
