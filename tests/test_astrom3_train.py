@@ -202,7 +202,7 @@ def upstream_layout(model: AstroM3) -> dict[str, torch.Tensor]:
             out[f"spectra_encoder.layers.{3 * j}.{kind}"] = s[f"spectra_encoder.convs.{j}.{kind}"]
         out[f"metadata_encoder.model.0.{kind}"] = s[f"metadata_encoder.fc1.{kind}"]
         out[f"metadata_encoder.model.3.{kind}"] = s[f"metadata_encoder.fc2.{kind}"]
-        for name in ("photometry", "spectrum", "metadata"):
+        for name in ("photometry", "spectra", "metadata"):
             out[f"{name}_proj.{kind}"] = s[f"{name}_proj.{kind}"]
     for i, name in enumerate(("logit_scale_ps", "logit_scale_sm", "logit_scale_mp")):
         out[name] = s["logit_scale"][i].clone()

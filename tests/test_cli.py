@@ -84,13 +84,48 @@ def test_paths_and_doctor(monkeypatch, capsys, tmp_path):
     assert "here" in out and "ok" in out and "not set" in out and "missing" in out
     code, out, _ = run(monkeypatch, capsys, "doctor", "--paths", str(paths))
     assert code == 0 and "torch" in out and "CUDA" in out and "MISSING" in out
+    for extra in ("images", "plots", "parity", "eval", "discovery"):  # each extra, installed or what to install
+        assert f"extra {extra}" in out
 
 
 def test_convert_and_embed_need_family_support(monkeypatch, capsys, tmp_path):
+    from fmb.models import Family
+    from fmb.train import BaseTrainer
+
+    class Bare(toy.ToyTrainer):
+        embedding_datasets = BaseTrainer.embedding_datasets
+
+    register_family(Family(name="bare", summary="no embedding export", trainer=Bare))
     code, _, err = run(monkeypatch, capsys, "convert", "toy", str(tmp_path), "--out", str(tmp_path / "o"))
     assert code == 2 and "no upstream checkpoint converter" in err
-    code, _, err = run(monkeypatch, capsys, "embed", "toy", "--checkpoint", str(tmp_path), "--out", "x.parquet")
+    code, _, err = run(monkeypatch, capsys, "embed", "bare", "--checkpoint", str(tmp_path), "--out", "x.parquet")
     assert code == 2 and "no embedding export" in err
+
+
+def test_a_family_registered_from_outside_plugs_into_every_command(monkeypatch, capsys, tmp_path):
+    """Nothing in fmb names the toy family: retrain, embed, slurm, config show and data kinds find it."""
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    code, _, err = run(monkeypatch, capsys, "retrain", "toy", "--out", str(run_dir), "--max-steps", "2", "--no-progress")
+    assert code == 0, err
+    code, out, err = run(monkeypatch, capsys, "embed", "toy", "--checkpoint", str(run_dir), "--out",
+                         str(tmp_path / "e.parquet"), "--split", "validation", "--set", "model.dropout=0.5")
+    assert code == 0, err
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.num_rows == 16 and set(table.column("split").to_pylist()) == {"validation"}
+    assert {"object_id", "y", "embedding_joint"} <= set(table.column_names) and "embedded 16 objects" in out
+    code, _, err = run(monkeypatch, capsys, "embed", "toy", "--checkpoint", str(run_dir), "--out",
+                       str(tmp_path / "f.parquet"), "--set", "model.hidden=8")
+    assert code == 1 and "does not fit the model" in err  # --set reaches the architecture, and it must fit
+    code, out, _ = run(monkeypatch, capsys, "slurm", "toy", "--cluster", "candide", "--gpus-per-node", "2")
+    assert code == 0 and "python -m fmb retrain toy" in out
+    code, out, _ = run(monkeypatch, capsys, "config", "show", "toy")
+    assert code == 0 and "hidden: 16" in out
+    code, out, _ = run(monkeypatch, capsys, "data", "kinds")
+    assert code == 0 and "toy-points" in out
+    code, out, _ = run(monkeypatch, capsys, "data", "synth", "toy-points", "--out", str(tmp_path / "pts"), "-n", "5")
+    assert code == 0 and (tmp_path / "pts" / "points.pt").is_file()
 
 
 def test_synth_unknown_kind(monkeypatch, capsys, tmp_path):

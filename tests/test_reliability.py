@@ -230,3 +230,40 @@ def test_configuration_errors_exit_2_before_any_work(monkeypatch, capsys, tmp_pa
                            "--set", "model.preset=bogus")
     assert code == 2 and "model.preset 'bogus'" in err
     assert not (tmp_path / "b" / "data").exists()  # no demo data written before the check
+
+
+# ----------------------------------------------------------------------------- distributed embedding
+
+
+def test_distributed_embed_equals_one_process_and_resumes(tmp_path):
+    """torchrun with 2 ranks shares the chunks out; the result is the single-process file, and a run
+    that lost a chunk recomputes only that one."""
+    import pyarrow.parquet as pq
+
+    run = tmp_path / "run"
+    tiny = ["--demo", "--out", str(run), "--max-steps", "2", "--no-progress", "--set", "data.synthetic=40",
+            "--set", "data.image_size=16", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
+            "--set", "model.n_head=2", "--set", "train.num_workers=0", "--set", "train.eval_at_start=false"]
+    env = rank_env(None, 1, 0)
+    subprocess.run([sys.executable, "-m", "fmb", "retrain", "astropt", *tiny], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    embed = ["embed", "astropt", "--checkpoint", str(run), "--device", "cpu", "--batch-size", "4", "--chunk-rows", "8"]
+    single, double = tmp_path / "single.parquet", tmp_path / "double.parquet"
+    subprocess.run([sys.executable, "-m", "fmb", *embed, "--out", str(single)], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                "-m", "fmb", *embed, "--out", str(double)]
+    result = subprocess.run(torchrun, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = pq.read_table(single), pq.read_table(double)
+    assert a.num_rows == 40 and a.equals(b)  # same rows, same order, same values
+
+    # Lose one finished chunk of an interrupted export: the next run (1 process) redoes only it.
+    parts = tmp_path / "again.parquet.parts"
+    parts.mkdir()
+    for chunk in (0, 1, 3, 4):
+        pq.write_table(a.slice(chunk * 8, 8), parts / f"part-{chunk:06d}.parquet")
+    result = subprocess.run([sys.executable, "-m", "fmb", *embed, "--out", str(tmp_path / "again.parquet")], env=env,
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "4 of 5 chunks already embedded" in result.stderr, result.stderr
+    assert pq.read_table(tmp_path / "again.parquet").equals(a)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from fmb.errors import ConfigError
 from fmb.models import Family
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train.embed import EmbedBatch
 
 
 @dataclass
@@ -47,7 +50,7 @@ class ToyDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "object_id": self.ids[i]}
+        return {"x": self.x[i], "y": self.y[i], "object_id": self.ids[i], "targets": {"y": self.y[i]}}
 
 
 class ToyModel(nn.Module):
@@ -65,12 +68,23 @@ class ToyTrainer(BaseTrainer):
     config_cls = ToyConfig
     calls = 0
 
-    def build_model(self) -> nn.Module:
+    def new_model(self) -> nn.Module:
         return ToyModel(self.config.model)
 
     def build_datasets(self):
         data = self.config.data
         return ToyDataset(data.n_train, 1, data.noise), ToyDataset(data.n_val, 2, data.noise)
+
+    def embedding_datasets(self, data, split):
+        train, val = self.build_datasets()
+        chosen = {"train": train, "validation": val}
+        if split is not None and split not in chosen:
+            raise ConfigError(f"--split {split}: toy has train, validation")
+        return [(name, ds) for name, ds in chosen.items() if split in (None, name)]
+
+    def embed_batch(self, model, batch) -> EmbedBatch:
+        hidden = model.net[:-1](batch["x"])  # the features before the regression head
+        return EmbedBatch({"joint": hidden})
 
     def compute_loss(self, model, batch) -> StepOutput:
         data = self.config.data
@@ -87,7 +101,17 @@ class ToyTrainer(BaseTrainer):
                           n_samples=len(batch["y"]))
 
 
-FAMILY = Family(name="toy", summary="test MLP", trainer=ToyTrainer)
+def write_points(out_dir, n: int, seed: int) -> Path:
+    """A synthetic data kind the toy family brings: n points of the planted linear target."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = ToyDataset(n, seed, 0.01)
+    torch.save({"x": data.x, "y": data.y}, out_dir / "points.pt")
+    return out_dir
+
+
+FAMILY = Family(name="toy", summary="test MLP", trainer=ToyTrainer,
+                synthetic={"toy-points": ("tests.toy:write_points", "points of a planted linear target")})
 
 
 def toy_config(out, **train) -> ToyConfig:

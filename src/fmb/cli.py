@@ -224,6 +224,7 @@ def embed(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     num_workers: Annotated[int | None, typer.Option(help="DataLoader workers (default: the run's train.num_workers).")] = None,
     random_init: Annotated[bool, typer.Option("--random-init", help="Same architecture with untrained weights (the baseline for `fmb evaluate`).")] = False,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per resumable part (the unit shared out between processes).")] = 2048,
     set_: SetOpt = None,
 ) -> None:
     """Write per-object embeddings to parquet (resumable; torchrun / srun shard the rows). Exit code 75:
@@ -232,7 +233,7 @@ def embed(
     from fmb.train.embed import EmbedOptions, run_embed
 
     options = EmbedOptions(data=data, split=split, batch_size=batch_size, device=device, num_workers=num_workers,
-                           random_init=random_init, sets=set_ or [])
+                           random_init=random_init, sets=set_ or [], chunk_rows=chunk_rows)
     result = run_embed(get_family(model), checkpoint, out, options)
     typer.echo(result.summary())
 
@@ -390,9 +391,19 @@ def doctor(paths: PathsOpt = None) -> None:
             typer.echo(f"  cuda:{i} {props.name} {props.total_memory / 2**30:.0f} GiB (CUDA {torch.version.cuda})")
     else:
         typer.echo(f"  CUDA: not available; CPU threads {torch.get_num_threads()}")
-    extras = {"tensorboard": "tensorboard", "wandb": "wandb", "pytest (dev)": "pytest"}
-    for label, module in extras.items():
-        typer.echo(f"  extra {label:<18} {'installed' if importlib.util.find_spec(module) else 'not installed'}")
+    # extra -> (modules it provides, what it is for)
+    extras = {"images": (("PIL",), "JPEG / filtered PNG images of real data"),
+              "plots": (("matplotlib",), "figures of evaluate / detect / benchmark"),
+              "parity": (("loralib", "aion"), "upstream parity tests (and astropt==2.0.9 with --no-deps)"),
+              "eval": (("sklearn", "astropy", "umap"), "probes, FITS catalogues, UMAP"),
+              "discovery": (("sklearn", "zuko", "faiss"), "anomaly scorers, flows, nearest neighbours"),
+              "tensorboard": (("tensorboard",), "train.log_to: [tensorboard]"),
+              "wandb": (("wandb",), "train.log_to: [wandb]"),
+              "dev": (("pytest", "ruff"), "tests and lint")}
+    for extra, (modules, purpose) in extras.items():
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        state = "installed" if not missing else f"MISSING {', '.join(missing)}: pip install 'fmb[{extra}]'"
+        typer.echo(f"  extra {extra:<12} {state}  ({purpose})")
     for found in upstream_status():  # optional upstream code, for parity checks only
         directory = EXTERNALS[found.name].directory
         where = {"external": f"present: external/{directory}", "installed": f"installed: {found.path}",

@@ -7,7 +7,7 @@ named as such), reads its config with `--set` on top, builds the family's traine
 `no_grad` and autocast, with DataLoader workers and a progress bar. A family supplies only its rows
 (`embedding_datasets`) and "batch -> {modality: vectors}, present masks" (`embed_batch`).
 
-Rows are cut into fixed chunks of `CHUNK_ROWS`; under torchrun / srun chunk c is embedded by rank
+Rows are cut into fixed chunks (`--chunk-rows`, 2048 by default); under torchrun / srun chunk c is embedded by rank
 c mod W. Each finished chunk is one parquet part under `<out>.parts/`, so an interrupted run (a crash,
 or SIGTERM / SIGUSR1: exit 75) continues with the chunks still missing, on any number of processes,
 and the result is identical in rows (and order) to a single-process run. Rank 0 then joins the parts,
@@ -41,7 +41,6 @@ from fmb.train.stop import StopRequest
 
 log = logging.getLogger("fmb")
 
-CHUNK_ROWS = 2048  # rows per part: the unit of sharding and of resumption
 
 
 class EmbeddingStopped(FmbError):
@@ -69,6 +68,7 @@ class EmbedOptions:
     num_workers: int | None = None  # None: the run's train.num_workers
     random_init: bool = False
     sets: list[str] = field(default_factory=list)
+    chunk_rows: int = 2048  # rows per part: the unit of sharding and of resumption
 
 
 @dataclass
@@ -90,10 +90,10 @@ class EmbedResult:
 class ChunkBatches(Sampler[list[int]]):
     """Batches of this rank's chunks that are not written yet, never crossing a chunk boundary."""
 
-    def __init__(self, total: int, batch_size: int, chunks: list[int]) -> None:
+    def __init__(self, total: int, batch_size: int, chunk_rows: int, chunks: list[int]) -> None:
         self.plan: list[tuple[int, list[int], bool]] = []  # (chunk, row indices, last batch of the chunk)
         for chunk in chunks:
-            rows = range(chunk * CHUNK_ROWS, min((chunk + 1) * CHUNK_ROWS, total))
+            rows = range(chunk * chunk_rows, min((chunk + 1) * chunk_rows, total))
             starts = list(range(rows.start, rows.stop, batch_size))
             for k, start in enumerate(starts):
                 self.plan.append((chunk, list(range(start, min(start + batch_size, rows.stop))), k == len(starts) - 1))
@@ -115,8 +115,8 @@ def run_embed(family: Any, checkpoint: Path, out: Path, options: EmbedOptions) -
     directory = ckpt.find_checkpoint(Path(checkpoint))
     config = ckpt.read_config(directory, trainer_cls.config_cls, options.sets, family=family.name)
     trainer = trainer_cls(config)
-    if options.batch_size < 1 or (options.num_workers is not None and options.num_workers < 0):
-        raise ConfigError("--batch-size must be at least 1 and --num-workers at least 0")
+    if options.batch_size < 1 or options.chunk_rows < 1 or (options.num_workers is not None and options.num_workers < 0):
+        raise ConfigError("--batch-size and --chunk-rows must be at least 1, --num-workers at least 0")
     trainer.check_config()
     env = build_environment(options.device, config.train.precision, config.train.cpu_threads, config.train.tf32)
     trainer.env = env
@@ -168,11 +168,11 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
     model.to(env.device).eval()
 
     done = parts.done_chunks()
-    n_chunks = -(-total // CHUNK_ROWS)
+    n_chunks = -(-total // options.chunk_rows)
     mine = [c for c in range(dist.rank, n_chunks, dist.world_size) if c not in done]
     if done and dist.is_main:
         log.info(f"{parts.directory}: {len(done)} of {n_chunks} chunks already embedded; continuing after them")
-    sampler = ChunkBatches(total, options.batch_size, mine)
+    sampler = ChunkBatches(total, options.batch_size, options.chunk_rows, mine)
     workers = trainer.cfg.num_workers if options.num_workers is None else options.num_workers
     loader = make_loader(dataset, None, None, workers, trainer.collate_fn(), env.device.type == "cuda",
                          drop_last=False, seed=trainer.cfg.seed, batch_sampler=sampler)

@@ -259,6 +259,11 @@ class AionTrainer(BaseTrainer):
             out = model(euclid)
         if was_training:
             self.set_train_mode(model)
+        spread = out["euclid"].float().flatten(-2).std(dim=-1)  # (objects, bands) spatial spread
+        if bool((spread < 1e-6 * euclid.abs().flatten(-2).amax(-1).clamp_min(1e-12)).all()):
+            log.warning("the reconstructed Euclid images are flat: the codec passes no structure (a random codec "
+                        "without a stand-in?), so PSNR only measures the background; use the published codec "
+                        "(model.codec.path) or model.codec.standin_steps=300")
         grid = sample_grid(euclid, out["hsc"], out["euclid"], self.config.model.euclid_softening)
         path = write_grid(self.run_dir / "samples" / f"{ckpt.step_dirname(step)}.png", grid)
         log.info(f"sample grid: {path} (rows: objects; columns: Euclid {' '.join(BAND_NAMES)} | "
