@@ -65,7 +65,8 @@ def test_checkpointing_gives_the_same_loss_and_gradients_and_keeps_less(case):
     model.train()  # dropout and drop-path on: the recomputation must draw the same masks
     results = []
     for enabled in (False, True):
-        set_activation_checkpointing(model, enabled, "test")
+        if enabled:
+            set_activation_checkpointing(model, True, "test")
         torch.manual_seed(1)
         loss, kept = saved_for_backward(loss_fn)
         loss.backward()
@@ -84,6 +85,10 @@ def test_checkpointing_is_refused_where_a_model_has_no_blocks():
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         set_activation_checkpointing(torch.nn.Linear(2, 2), True, "toy")
     set_activation_checkpointing(torch.nn.Linear(2, 2), False, "toy")  # off: nothing to do
+    codec_like = torch.nn.Linear(2, 2)
+    codec_like.activation_checkpointing = True  # a family's own setting is not switched off
+    set_activation_checkpointing(codec_like, False, "toy")
+    assert codec_like.activation_checkpointing
 
 
 def test_astromodal_padded_batch_equals_each_sequence_alone_without_a_dense_mask():

@@ -27,9 +27,12 @@ def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool, family: str) -> None:
-    """Switch checkpointing on or off in every part of `model` that supports it."""
+    """With `enabled`, switch checkpointing on in every part of `model` that supports it (off is the
+    models' default, and a family's own setting, such as the AION codec's, is left alone)."""
+    if not enabled:
+        return
     parts = [m for m in model.modules() if hasattr(m, "activation_checkpointing")]
-    if enabled and not parts:
+    if not parts:
         raise ConfigError(f"train.activation_checkpointing=true: the {family} model has no blocks to checkpoint")
     for part in parts:
-        part.activation_checkpointing = enabled
+        part.activation_checkpointing = True

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from fmb.models.checkpointing import run_blocks
 
 # ----------------------------------------------------------------------------- bands
 
@@ -253,28 +254,19 @@ class MagVitAE(nn.Module):
         self.decoder_layers = nn.ModuleList(decoder[::-1])  # built from the output end
         self.checkpointing = False  # recompute each layer in backward (activation checkpointing)
 
-    def _run(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(layer, x, use_reentrant=False)
-        return layer(x)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode_body(self.conv_in(x))
 
     def encode_body(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder after `conv_in`."""
-        for layer in self.encoder_layers:
-            x = self._run(layer, x)
-        return x
+        return run_blocks(self.encoder_layers, x, self.checkpointing)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_out(self.decode_body(x))
 
     def decode_body(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder before `conv_out`."""
-        for layer in self.decoder_layers:
-            x = self._run(layer, x)
-        return x
+        return run_blocks(self.decoder_layers, x, self.checkpointing)
 
 
 # ----------------------------------------------------------------------------- projection and FSQ
