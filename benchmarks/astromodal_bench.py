@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fmb.data.surveys.splus import read_fields, scalar_matrix
@@ -24,6 +25,7 @@ from fmb.data.synth.splus import write
 from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
 from fmb.models.astromodal.kmeans import fit_kmeans
 from fmb.models.astromodal.model import (
+    PRESETS,
     AstromodalModelConfig,
     AstromodalTransformer,
     LossConfig,
@@ -88,6 +90,29 @@ def bench_transformer(device: torch.device, preset: str, batch: int, length: int
     return line
 
 
+def bench_padded_attention(device: torch.device, preset: str, batch: int, length: int, rounds: int = 3) -> str:
+    """Attention of one layer (forward + backward) on a right-padded batch: the dense padding mask the
+    model built before (causal & key padding, plus the diagonal), which no flash kernel takes, against
+    the causal kernel it uses now (equal outputs at every real token)."""
+    _, heads, width, _ = PRESETS[preset]
+    q, k, v = (torch.randn(batch, heads, length, width // heads, device=device, requires_grad=True) for _ in range(3))
+    real = torch.arange(length, device=device)[None] < torch.randint(length // 2, length + 1, (batch, 1), device=device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    dense = ((causal[None] & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device))[:, None]
+
+    def dense_mask() -> None:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=dense).sum().backward()
+        sync(device)
+
+    def causal_only() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        sync(device)
+
+    ratios = sorted(timed(causal_only) / timed(dense_mask) for _ in range(rounds))
+    return (f"padded attention {preset} B={batch} T={length}: causal kernel / dense mask time "
+            f"{ratios[len(ratios) // 2]:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f} over {rounds} paired rounds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,6 +164,7 @@ def main() -> None:
         presets = [("tiny", 8, 1024), ("small", 4, 1024)] + ([("base", 8, 2048)] if device.type == "cuda" else [])
         for preset, batch, length in presets:
             print(bench_transformer(device, preset, batch, length, vocab, args.peak_tflops))
+            print(bench_padded_attention(device, preset, batch, length))
 
 
 if __name__ == "__main__":
