@@ -16,48 +16,12 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
+from steps import paired_rounds, ratio_summary, training_step
 
 from fmb.models.aion.model import LEGACY_BANDS, AionAdapters
 from fmb.models.aion.weights import load_codec
-
-
-def timed(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2,
-          clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
-    """Seconds of each call of each function, `repeats` rounds; calls alternate within a round, so
-    load changes on a shared machine hit all alike (compare them round by round). On a shared CPU
-    `clock=time.process_time` counts this process's CPU time, which other jobs disturb less."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = clock()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            record.append(clock() - start)
-    return times
-
-
-def training_step(model: AionAdapters, euclid: torch.Tensor,
-                  autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> None:
-        with autocast():
-            out = model(euclid)
-            loss = ((out["euclid"].float() - euclid) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -122,8 +86,7 @@ def main() -> None:
         up_flux = upstream.decode(up_tokens, bands=bands).flux
         difference = (ours.decode_indices(up_tokens, bands) - up_flux).abs().max().item()
     clock = time.process_time if args.cpu_time else time.perf_counter
-    up_times, our_times = timed([run_upstream, run_ours], device, args.repeats, clock=clock)
-    ratios = sorted(o / u for o, u in zip(our_times, up_times, strict=True))
+    up_times, our_times = paired_rounds([run_upstream, run_ours], device, args.repeats, clock=clock)
     t_up, t_ours = statistics.median(up_times), statistics.median(our_times)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device} | batch {args.batch} | {args.precision} | channels_last {args.channels_last} | "
@@ -131,8 +94,7 @@ def main() -> None:
           f"load average {load:.1f} | {'CPU' if args.cpu_time else 'wall'} time")
     print(f"codec encode+decode  polymathic-aion {args.batch / t_up:9.2f} images/s")
     print(f"codec encode+decode  fmb             {args.batch / t_ours:9.2f} images/s")
-    print(f"time ratio fmb / polymathic-aion     {statistics.median(ratios):9.3f} (paired rounds: "
-          f"{ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)})")
+    print(f"time ratio fmb / polymathic-aion     {ratio_summary(our_times, up_times)}")
     print(f"tokens equal to upstream's           {tokens_equal:9.2%}")
     print(f"decoded flux, largest difference     {difference:9.2e} (flux up to {up_flux.abs().max().item():.3g})")
     if args.no_adapters:
@@ -146,7 +108,9 @@ def main() -> None:
         model.train()
         ours.eval()
         euclid = torch.rand(args.batch, 4, 96, 96, device=device) * 0.1
-        (steps,) = timed([training_step(model, euclid, autocast)], device, args.repeats)
+        loss = lambda m, x=euclid: ((m(x)["euclid"].float() - x) ** 2).mean()  # noqa: E731
+        step = training_step(model, loss, device, autocast=args.precision == "bf16")
+        (steps,) = paired_rounds([step], device, args.repeats, clock=clock)
         t_step = statistics.median(steps)
         print(f"adapter training ({mode:>4})          {args.batch / t_step:9.1f} images/s")
 

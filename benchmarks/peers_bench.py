@@ -23,11 +23,11 @@ import argparse
 import os
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from steps import paired_rounds, ratio_summary, training_step
 from torch import nn
 
 from fmb.models.astroclip.model import SpecFormer, SpecFormerShape, ViT, ViTShape, spectrum_tokens
@@ -85,44 +85,6 @@ class AstromodalStandIn(nn.Module):
         x = self.tok_emb(tokens) + self.type_emb(types) + self.pos_emb(torch.arange(length, device=tokens.device))
         causal = nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
         return self.head(self.ln_f(self.encoder(x, mask=causal, is_causal=True)))
-
-
-def paired_ratio(fmb_step: Callable[[], None], peer_step: Callable[[], None], rounds: int,
-                 device: torch.device) -> tuple[float, float, float, float, float]:
-    """(median fmb seconds, median peer seconds, median ratio, lowest, highest) over paired rounds."""
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
-
-    def timed(step: Callable[[], None]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = clock()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return clock() - start
-
-    for step in (fmb_step, peer_step):
-        step()
-    ours, peers = [], []
-    for _ in range(rounds):
-        ours.append(timed(fmb_step))
-        peers.append(timed(peer_step))
-    ratios = sorted(o / p for o, p in zip(ours, peers, strict=True))
-    return statistics.median(ours), statistics.median(peers), statistics.median(ratios), ratios[0], ratios[-1]
-
-
-def training_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], device: torch.device) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> None:
-        with autocast:
-            loss = loss_fn(model)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def params(model: nn.Module) -> float:
@@ -213,7 +175,7 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"device {device} | {torch.get_num_threads()} threads | load average {os.getloadavg()[0]:.1f} | "
           f"{'wall' if device.type == 'cuda' else 'CPU'} time, {args.rounds} paired rounds")
-    print(f"{'model':<40}{'peer':<34}{'params M':>16}{'fmb s':>9}{'peer s':>9}{'fmb/peer':>10}{'range':>14}")
+    print(f"{'model':<40}{'peer':<34}{'params M':>16}{'fmb s':>9}{'peer s':>9}  fmb / peer time")
     pairs = [vit_pair(args.large, args.batch, device), specformer_pair(args.large, args.batch, device),
              astromodal_pair(args.large, args.batch, device)]
     pairs.append(astrom3_pair(args.large, args.astrom3_batch, device, args.external))
@@ -226,11 +188,12 @@ def main() -> None:
         label, ours, peer, our_loss, peer_loss = pair
         ours.to(device).train()
         peer.to(device).train()
-        t_ours, t_peer, ratio, low, high = paired_ratio(training_step(ours, our_loss, device),
-                                                        training_step(peer, peer_loss, device), args.rounds, device)
+        clock = time.perf_counter if device.type == "cuda" else time.process_time
+        our_times, peer_times = paired_rounds([training_step(ours, our_loss, device),
+                                               training_step(peer, peer_loss, device)], device, args.rounds, clock=clock)
         sizes = f"{params(ours):.1f} / {params(peer):.1f}"
-        print(f"{label:<40}{peer_name:<34}{sizes:>16}{t_ours:>9.3f}{t_peer:>9.3f}{ratio:>10.3f}"
-              f"{f'{low:.3f}-{high:.3f}':>14}", flush=True)
+        print(f"{label:<40}{peer_name:<34}{sizes:>16}{statistics.median(our_times):>9.3f}"
+              f"{statistics.median(peer_times):>9.3f}  {ratio_summary(our_times, peer_times)}", flush=True)
 
 
 if __name__ == "__main__":
