@@ -5,7 +5,7 @@
 
 Writes synthetic S-PLUS fields to a temporary directory, fits small tokenisers on them and
 prints one line per figure. MFU is reported when --peak-tflops (the device's dense bf16
-peak) is given: 6 x parameters x tokens/s plus attention, over the peak.
+peak) is given: the FLOPs of a step (fmb.train.flops, attention included) per second, over the peak.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fmb.models.astromodal.model import (
 )
 from fmb.models.astromodal.tokenize import Tokenizers, encode_dataset, fit_tokenizers, selection_of
 from fmb.models.astromodal.tokenizers import ScalarTokenizer, TokenizerConfig
+from fmb.train.flops import flop_counter
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -82,11 +83,11 @@ def bench_transformer(device: torch.device, preset: str, batch: int, length: int
     seconds = timed(step, repeat=3)
     tok_s = batch * (length - 1) / seconds
     n_params = sum(p.numel() for p in model.parameters())
-    n_layer, _, d_model, _ = cfg.shape()
     line = f"transformer {preset:<5} B={batch} T={length}: {tok_s:,.0f} tokens/s ({n_params / 1e6:.1f}M params)"
     if peak:
-        flops = 6 * n_params + 12 * n_layer * d_model * length
-        line += f", MFU {flops * tok_s / (peak * 1e12):.1%}"
+        with flop_counter() as counter:  # attention included, causal by its kept pairs
+            step()
+        line += f", MFU {counter.get_total_flops() / seconds / (peak * 1e12):.1%}"
     return line
 
 
