@@ -2,8 +2,9 @@
 
 The family's own trainer is set up exactly as for training (usually on its demo data), then
 real optimizer steps are timed on batches already on the device. FLOPs of one step (forward +
-backward) are counted with torch's FlopCounterMode, attention included (`fmb.train.flops`); MFU divides the achieved FLOP/s by the
-device's dense peak (a table for GPUs in the precision used; on CPU a measured fp32 matmul peak).
+backward) are counted with torch's FlopCounterMode, attention included (`fmb.train.flops`); MFU
+divides the achieved FLOP/s by the device's dense peak (a table for GPUs in the precision used;
+on CPU a measured fp32 matmul peak).
 """
 
 from __future__ import annotations
