@@ -1,56 +1,27 @@
 """AION benchmark: image-codec encode+decode throughput of fmb vs polymathic-aion at the same weights,
 and adapter-training throughput. Prints figures; needs polymathic-aion (the `parity` extra) for the
-comparison. Weights are random (built locally from the codec config), which does not change the cost.
+comparison. Weights are random (built locally from the codec config, squeeze-excite gates opened so
+that every layer counts), which does not change the cost.
 
     python benchmarks/aion_bench.py --device cuda --batch 64 --precision bf16 --channels-last
     python benchmarks/aion_bench.py --device cpu --batch 4 --hidden-dims 64 --num-consecutive 1
+    python benchmarks/aion_bench.py --device cpu --batch 2 --threads 1 --cpu-time --repeats 8 --no-adapters
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import statistics
 import tempfile
 import time
-from collections.abc import Callable
 
 import torch
+from steps import paired_rounds, ratio_summary, training_step
 
 from fmb.models.aion.model import LEGACY_BANDS, AionAdapters
 from fmb.models.aion.weights import load_codec
-
-
-def timed(fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds per call of each function; calls alternate, so load changes hit all alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times, strict=True):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            record.append(time.perf_counter() - start)
-    return [sorted(t)[len(t) // 2] for t in times]
-
-
-def training_step(model: AionAdapters, euclid: torch.Tensor,
-                  autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-    def step() -> None:
-        with autocast():
-            out = model(euclid)
-            loss = ((out["euclid"].float() - euclid) ** 2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -63,7 +34,12 @@ def main() -> None:
     parser.add_argument("--hidden-dims", type=int, default=512)  # the published codec
     parser.add_argument("--num-consecutive", type=int, default=4)
     parser.add_argument("--adapter-hidden", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time (shared CPU, 1 thread)")
+    parser.add_argument("--no-adapters", action="store_true", help="only the codec comparison")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
 
@@ -72,6 +48,12 @@ def main() -> None:
 
     upstream = ImageCodec(quantizer_levels=[7, 5, 5, 5, 5], hidden_dims=args.hidden_dims,
                           num_consecutive=args.num_consecutive).eval()
+    with torch.no_grad():  # upstream starts the squeeze-excite gates closed (bias -10): open them halfway
+        for name, p in upstream.named_parameters():
+            if name.endswith("net.4.net.2.weight"):
+                p.normal_(0.0, 0.5 / p[0].numel() ** 0.5)
+            elif name.endswith("net.4.net.2.bias"):
+                p.zero_()
     with tempfile.TemporaryDirectory() as tmp:
         upstream.save_pretrained(tmp, modality=Image)
         ours = load_codec(tmp).eval()
@@ -98,12 +80,25 @@ def main() -> None:
         with torch.no_grad(), autocast():
             return ours.decode_indices(ours.indices(flux, bands), bands)
 
-    t_up, t_ours = timed([run_upstream, run_ours], device, args.repeats)
+    with torch.no_grad():
+        up_tokens = upstream.encode(LegacySurveyImage(flux=flux.clone(), bands=bands)).long()
+        tokens_equal = (ours.indices(flux, bands) == up_tokens).float().mean().item()
+        up_flux = upstream.decode(up_tokens, bands=bands).flux
+        difference = (ours.decode_indices(up_tokens, bands) - up_flux).abs().max().item()
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    up_times, our_times = paired_rounds([run_upstream, run_ours], device, args.repeats, clock=clock)
+    t_up, t_ours = statistics.median(up_times), statistics.median(our_times)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device} | batch {args.batch} | {args.precision} | channels_last {args.channels_last} | "
-          f"codec hidden {args.hidden_dims} x{args.num_consecutive}")
-    print(f"codec encode+decode  polymathic-aion {args.batch / t_up:9.1f} images/s")
-    print(f"codec encode+decode  fmb             {args.batch / t_ours:9.1f} images/s")
-    print(f"time ratio fmb / polymathic-aion     {t_ours / t_up:9.3f}")
+          f"codec hidden {args.hidden_dims} x{args.num_consecutive} | {torch.get_num_threads()} threads | "
+          f"load average {load:.1f} | {'CPU' if args.cpu_time else 'wall'} time")
+    print(f"codec encode+decode  polymathic-aion {args.batch / t_up:9.2f} images/s")
+    print(f"codec encode+decode  fmb             {args.batch / t_ours:9.2f} images/s")
+    print(f"time ratio fmb / polymathic-aion     {ratio_summary(our_times, up_times)}")
+    print(f"tokens equal to upstream's           {tokens_equal:9.2%}")
+    print(f"decoded flux, largest difference     {difference:9.2e} (flux up to {up_flux.abs().max().item():.3g})")
+    if args.no_adapters:
+        return
 
     ours.requires_grad_(False)
     for mode in ("ste", "full"):
@@ -113,7 +108,10 @@ def main() -> None:
         model.train()
         ours.eval()
         euclid = torch.rand(args.batch, 4, 96, 96, device=device) * 0.1
-        (t_step,) = timed([training_step(model, euclid, autocast)], device, args.repeats)
+        loss = lambda m, x=euclid: ((m(x)["euclid"].float() - x) ** 2).mean()  # noqa: E731
+        step = training_step(model, loss, device, autocast=args.precision == "bf16")
+        (steps,) = paired_rounds([step], device, args.repeats, clock=clock)
+        t_step = statistics.median(steps)
         print(f"adapter training ({mode:>4})          {args.batch / t_step:9.1f} images/s")
 
 

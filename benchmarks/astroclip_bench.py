@@ -5,7 +5,7 @@
 
 Each configuration runs in its own process (so the peak memory is its own): a few AdamW steps
 on random images and spectra of the real shapes, timed after warm-up. On CUDA it also counts
-the FLOPs of one step (torch's FlopCounterMode) and reports MFU against --peak-tflops.
+the FLOPs of one step (torch's FlopCounterMode via fmb.train.flops) and reports MFU against --peak-tflops.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from fmb.models.astroclip.trainer import (
     build_astroclip,
     masked_clip_loss,
 )
+from fmb.train.flops import flop_counter
 
 # (label, image preset, patch, image size, spectrum preset, spectrum slice/stride, shared width, batch)
 CPU_CONFIGS = [
@@ -64,9 +65,7 @@ def run_one(spec: dict) -> dict:
 
     flops = None
     if device.type == "cuda":
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             step()
         flops = counter.get_total_flops()
     for _ in range(spec["warmup"]):

@@ -5,7 +5,7 @@
 
 Writes synthetic S-PLUS fields to a temporary directory, fits small tokenisers on them and
 prints one line per figure. MFU is reported when --peak-tflops (the device's dense bf16
-peak) is given: 6 x parameters x tokens/s plus attention, over the peak.
+peak) is given: the FLOPs of a step (fmb.train.flops, attention included) per second, over the peak.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fmb.data.surveys.splus import read_fields, scalar_matrix
@@ -24,6 +25,7 @@ from fmb.data.synth.splus import write
 from fmb.models.astromodal.data import SequenceDataset, TokenShards, collate_sequences
 from fmb.models.astromodal.kmeans import fit_kmeans
 from fmb.models.astromodal.model import (
+    PRESETS,
     AstromodalModelConfig,
     AstromodalTransformer,
     LossConfig,
@@ -31,6 +33,7 @@ from fmb.models.astromodal.model import (
 )
 from fmb.models.astromodal.tokenize import Tokenizers, encode_dataset, fit_tokenizers, selection_of
 from fmb.models.astromodal.tokenizers import ScalarTokenizer, TokenizerConfig
+from fmb.train.flops import flop_counter
 
 
 def timed(fn, repeat: int = 1) -> float:
@@ -80,12 +83,35 @@ def bench_transformer(device: torch.device, preset: str, batch: int, length: int
     seconds = timed(step, repeat=3)
     tok_s = batch * (length - 1) / seconds
     n_params = sum(p.numel() for p in model.parameters())
-    n_layer, _, d_model, _ = cfg.shape()
     line = f"transformer {preset:<5} B={batch} T={length}: {tok_s:,.0f} tokens/s ({n_params / 1e6:.1f}M params)"
     if peak:
-        flops = 6 * n_params + 12 * n_layer * d_model * length
-        line += f", MFU {flops * tok_s / (peak * 1e12):.1%}"
+        with flop_counter() as counter:  # attention included, causal by its kept pairs
+            step()
+        line += f", MFU {counter.get_total_flops() / seconds / (peak * 1e12):.1%}"
     return line
+
+
+def bench_padded_attention(device: torch.device, preset: str, batch: int, length: int, rounds: int = 3) -> str:
+    """Attention of one layer (forward + backward) on a right-padded batch: the dense padding mask the
+    model built before (causal & key padding, plus the diagonal), which no flash kernel takes, against
+    the causal kernel it uses now (equal outputs at every real token)."""
+    _, heads, width, _ = PRESETS[preset]
+    q, k, v = (torch.randn(batch, heads, length, width // heads, device=device, requires_grad=True) for _ in range(3))
+    real = torch.arange(length, device=device)[None] < torch.randint(length // 2, length + 1, (batch, 1), device=device)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    dense = ((causal[None] & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device))[:, None]
+
+    def dense_mask() -> None:
+        F.scaled_dot_product_attention(q, k, v, attn_mask=dense).sum().backward()
+        sync(device)
+
+    def causal_only() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        sync(device)
+
+    ratios = sorted(timed(causal_only) / timed(dense_mask) for _ in range(rounds))
+    return (f"padded attention {preset} B={batch} T={length}: causal kernel / dense mask time "
+            f"{ratios[len(ratios) // 2]:.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f} over {rounds} paired rounds)")
 
 
 def main() -> None:
@@ -139,6 +165,7 @@ def main() -> None:
         presets = [("tiny", 8, 1024), ("small", 4, 1024)] + ([("base", 8, 2048)] if device.type == "cuda" else [])
         for preset, batch, length in presets:
             print(bench_transformer(device, preset, batch, length, vocab, args.peak_tflops))
+            print(bench_padded_attention(device, preset, batch, length))
 
 
 if __name__ == "__main__":

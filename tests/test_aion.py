@@ -25,7 +25,10 @@ from fmb.models.aion.model import (
     AionAdapters,
     AionImageCodec,
     CodecConfig,
+    SameConv2d,
     UNet,
+    winograd_conv3x3,
+    winograd_weight,
 )
 from fmb.models.aion.samples import band_errors
 from fmb.models.aion.standin import ensure_standin, pretrain, relative_round_trip_error
@@ -102,6 +105,38 @@ def test_subsampled_projection_scales_by_present_bands():
     out = proj(x, present)
     expected = (torch.einsum("oc,bchw->bohw", proj.weight[:, :4], x[:, :4]) + proj.bias[None, :, None, None]) * 1.5
     torch.testing.assert_close(out, expected)  # sqrt(9 / 4) = 1.5; absent bands contribute nothing
+
+
+def test_winograd_convolution_equals_the_direct_one_and_follows_weight_updates():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 3, 6, 8), torch.randn(5, 3, 3, 3), torch.randn(5)
+    expected = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), padding=1).float()
+    torch.testing.assert_close(winograd_conv3x3(x, winograd_weight(weight), bias), expected, rtol=0, atol=1e-5)
+    layer = SameConv2d(256, 256, 3).eval()  # wide enough for the Winograd path
+    x = torch.randn(1, 256, 4, 4)
+    with torch.no_grad():
+        fast = layer(x)
+        assert layer._winograd is not None
+        torch.testing.assert_close(fast, layer.conv(x), rtol=0, atol=1e-5)
+        layer.conv.weight.mul_(2.0)  # an optimizer step or a load: the transformed weights follow
+        torch.testing.assert_close(layer(x), layer.conv(x), rtol=0, atol=2e-5)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # with autograd the direct convolution runs
+    assert x.grad is not None
+
+
+def test_folded_stem_equals_the_projection_then_conv_in_for_mixed_band_masks():
+    codec = tiny_codec()
+    padded = torch.randn(2, 9, 96, 96)
+    present = torch.tensor([[True] * 5 + [False] * 4, [False] * 5 + [True] * 4])
+    with torch.no_grad():
+        folded = codec.encode_preprocessed(padded, present)
+        expected = codec.model.encode(codec.subsample_in(padded, present))
+        torch.testing.assert_close(folded, expected, rtol=0, atol=1e-5)
+        quantized = codec.quantizer.quantize(codec.pre_quant_proj(folded))
+        out = codec.model.decode(codec.post_quant_proj(quantized))
+        expected = codec.subsample_out(out, torch.ones(2, 9, dtype=torch.bool))[:, 5:]
+        torch.testing.assert_close(codec.decode_compressed(quantized, LEGACY_BANDS), expected, rtol=0, atol=1e-5)
 
 
 def test_fsq_indices_round_trip_and_bounds():

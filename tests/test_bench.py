@@ -10,6 +10,7 @@ import pytest
 from fmb import cli
 from fmb.models import register_family
 from fmb.train.bench import device_peak, run_bench
+from fmb.train.flops import causal_fraction, flop_counter
 from tests import toy
 
 
@@ -22,6 +23,22 @@ def test_bench_counts_flops_of_forward_and_backward(tmp_path):
     assert result["samples_per_s"] > 0 and result["step_time_s"] > 0 and result["loader_samples_per_s"] > 0
     assert 0 < result["mfu"] < 1.0 and result["peak_source"] == "measured fp32 matmul"
     assert result["tokens_per_s"] is None  # the toy family reports no tokens
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_flops_are_counted_on_cpu_and_causal_counts_the_kept_pairs(causal):
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, length, dim = 2, 3, 16, 8
+    q, k, v = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+    with flop_counter() as counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    products = batch * heads * length * length * dim  # one (query, key) product over the head dimension
+    kept = (length + 1) / (2 * length) if causal else 1.0
+    # forward: scores and the weighted sum (2 x 2 FLOPs per product); backward: 5 products of the same size
+    assert counter.get_total_flops() == round(4 * products * kept) + round(10 * products * kept)
+    assert causal_fraction(4, 4) == 10 / 16 and causal_fraction(4, 2) == 7 / 8
 
 
 def test_cpu_peak_is_measured():

@@ -2,8 +2,9 @@
 
 The family's own trainer is set up exactly as for training (usually on its demo data), then
 real optimizer steps are timed on batches already on the device. FLOPs of one step (forward +
-backward) are counted with torch's FlopCounterMode; MFU divides the achieved FLOP/s by the
-device's dense peak (a table for GPUs in the precision used; on CPU a measured fp32 matmul peak).
+backward) are counted with torch's FlopCounterMode, attention included (`fmb.train.flops`); MFU
+divides the achieved FLOP/s by the device's dense peak (a table for GPUs in the precision used;
+on CPU a measured fp32 matmul peak).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from fmb.train.flops import flop_counter
 from fmb.train.loader import to_device
 from fmb.train.metrics import peak_memory_gb
 from fmb.train.trainer import BaseTrainer
@@ -73,7 +74,7 @@ def _measure(trainer: BaseTrainer, steps: int, warmup: int, loader_batches: int)
     on_device = [to_device(b, device) for b in cached]
 
     # FLOPs of one micro-batch, forward + backward, on the unwrapped model.
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()  # attention included on every device
     with counter:  # one context: the counts reset on entry
         with trainer.autocast():
             out = trainer.compute_loss(trainer.model, on_device[0])

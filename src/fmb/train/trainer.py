@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from fmb.config import to_yaml
 from fmb.errors import EXIT_RUNTIME, ConfigError, DataError, FmbError, TrainingError
+from fmb.models.checkpointing import set_activation_checkpointing
 from fmb.train import checkpoint as ckpt
 from fmb.train import parallel
 from fmb.train.config import BaseTrainingConfig
@@ -348,6 +349,7 @@ class BaseTrainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = self.build_model().to(self.device)
+        set_activation_checkpointing(self.model, cfg.activation_checkpointing, self.family)
         self.set_train_mode(self.model)
         self.train_model = parallel.wrap(self.model, cfg.parallel, self.dist, self.device, cfg.compile,
                                          self.find_unused_parameters, self.shard_units(self.model))

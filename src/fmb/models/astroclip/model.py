@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmb.models.checkpointing import run_blocks
+
 # Image backbones: name -> (width, depth, heads). The reference AstroDINO is "large" with patch 12.
 VIT_PRESETS: dict[str, tuple[int, int, int]] = {
     "demo": (64, 2, 4),
@@ -163,6 +165,7 @@ class ViT(nn.Module):
             for _ in range(shape.depth)
         )
         self.norm = nn.LayerNorm(shape.width, eps=1e-6)
+        self.activation_checkpointing = False  # recompute each block in backward (fmb.models.checkpointing)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
@@ -190,9 +193,7 @@ class ViT(nn.Module):
         if with_positions:
             x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
             x = x + self.positions(images.shape[2] // patch, images.shape[3] // patch)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
+        return self.norm(run_blocks(self.blocks, x, self.activation_checkpointing))
 
 
 # ----------------------------------------------------------------------------- spectrum backbone
@@ -228,6 +229,7 @@ class SpecFormer(nn.Module):
                                     for _ in range(shape.depth))
         self.final_layernorm = nn.LayerNorm(shape.width)
         self.head = nn.Linear(shape.width, shape.features)  # reconstruction, for pre-training
+        self.activation_checkpointing = False  # recompute each block in backward (fmb.models.checkpointing)
         # Embeddings ~ 1/sqrt(D); linear layers by depth, std 1/sqrt(2 fan_in depth).
         for table in (self.data_embed.weight, self.position_embed.weight):
             std = 1.0 / math.sqrt(shape.width)
@@ -244,10 +246,7 @@ class SpecFormer(nn.Module):
         if length > self.shape.max_len:
             raise ValueError(f"{length} spectrum tokens exceed max_len {self.shape.max_len}")
         x = self.data_embed(tokens) + self.position_embed.weight[:length]
-        x = self.dropout(x)
-        for block in self.blocks:
-            x = block(x)
-        x = self.final_layernorm(x)
+        x = self.final_layernorm(run_blocks(self.blocks, self.dropout(x), self.activation_checkpointing))
         return x, self.head(x)
 
 

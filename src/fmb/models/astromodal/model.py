@@ -2,9 +2,10 @@
 
 Input: token ids and token types (data.Vocabulary) of sequences laid out as
 [BOS] image [SEP] scalars [SEP] {spectrum group [SEP]}* [EOS], right-padded with PAD.
-Embedding = token + type + learned position; pre-LN blocks with scaled-dot-product
-attention under a causal mask combined with the key padding mask; the output head is tied
-to the token embedding.
+Embedding = token + type + learned position; pre-LN blocks with causal scaled-dot-product
+attention; the output head is tied to the token embedding. Padding is at the end of each
+sequence, so a real token never sees one: causal attention needs no padding mask, and the
+flash kernels apply (a dense mask rules them out).
 
 Loss = cross-entropy of the next token (PAD targets ignored) + for each modality a weighted
 "reconstruction" MSE: at up to K target positions of that modality, the softmax over the
@@ -23,6 +24,7 @@ from torch import nn
 
 from fmb.errors import ConfigError
 from fmb.models.astromodal.data import Vocabulary
+from fmb.models.checkpointing import run_blocks
 
 # name -> (layers, heads, width, feed-forward width)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -62,14 +64,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -82,8 +81,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -118,6 +117,7 @@ class AstromodalTransformer(nn.Module):
         self.head = nn.Linear(d_model, vocab.size, bias=False)
         self.head.weight = self.tok_emb.weight
         self.targets = ReconstructionTargets(vocab, image_dim)
+        self.activation_checkpointing = False  # recompute each block in backward (fmb.models.checkpointing)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith(("proj.weight", "mlp.2.weight")):
@@ -133,22 +133,21 @@ class AstromodalTransformer(nn.Module):
     def forward(self, tokens: torch.Tensor, types: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Next-token logits (B, T, V) (and final hidden states) of token ids and types (B, T).
-        `pad_mask` (B, T) is True on real tokens; None when there is no padding."""
+
+        `pad_mask` (B, T) is True on real tokens, which come first in each row (right padding, as
+        `collate_sequences` makes); None when there is no padding. Outputs at padded positions are
+        not meaningful (they see earlier padding) and nothing reads them: PAD targets are ignored by
+        the loss, embeddings pool over real tokens.
+        """
         b, t = tokens.shape
         if t > self.max_len:
             raise ValueError(f"sequence of {t} tokens is longer than model.max_len={self.max_len}")
+        if pad_mask is not None and pad_mask.device.type == "cpu" and (pad_mask[:, 1:] > pad_mask[:, :-1]).any():
+            # (checked where it is free; on a GPU it would cost a host sync per step)
+            raise ValueError("pad_mask has padding before real tokens: astromodal sequences are right-padded")
         pos = torch.arange(t, device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.type_emb(types) + self.pos_emb(pos))
-        mask = None
-        if pad_mask is not None:
-            causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-            # A query may see earlier real tokens; every row keeps at least its own position
-            # (or BOS), so no softmax row is empty.
-            mask = (causal[None] & pad_mask[:, None, :]) | torch.eye(t, dtype=torch.bool, device=tokens.device)
-            mask = mask[:, None]
-        for block in self.blocks:
-            x = block(x, mask)
-        hidden = self.ln_f(x)
+        hidden = self.ln_f(run_blocks(self.blocks, x, self.activation_checkpointing))
         logits = self.head(hidden)
         return (logits, hidden) if return_hidden else logits
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmb.models.checkpointing import run_blocks
+
 # name -> (n_layer, n_head, n_embd, reference peak learning rate)
 PRESETS: dict[str, tuple[int, int, int, float]] = {
     "001M": (4, 8, 128, 1e-3),
@@ -143,6 +145,7 @@ class AstroPT(nn.Module):
         self.drop = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layer))
         self.ln_f = nn.LayerNorm(width, eps=1e-5, bias=shape.bias)
+        self.activation_checkpointing = False  # recompute each block in backward (fmb.models.checkpointing)
         self.apply(self._init_weights)
         # GPT-2 scaled init of every output projection (blocks, tokenisers and decoders alike).
         for name, param in self.named_parameters():
@@ -170,9 +173,7 @@ class AstroPT(nn.Module):
         x = torch.cat([self.encoders[m.name](tokens[m.name]) + self.embedders[m.name](positions[m.name])
                        for m in self.modalities], dim=1)
         x = self.drop(x)
-        blocks = self.blocks if stop_after is None else self.blocks[:stop_after]
-        for block in blocks:
-            x = block(x)
+        x = run_blocks(self.blocks if stop_after is None else self.blocks[:stop_after], x, self.activation_checkpointing)
         return self.ln_f(x) if stop_after is None else x
 
     def forward(self, tokens: dict[str, torch.Tensor], positions: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

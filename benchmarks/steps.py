@@ -1,0 +1,56 @@
+"""Shared by the benchmark scripts (run as `python benchmarks/<name>.py`, which puts this folder on
+sys.path): one optimizer step of a model, and paired, interleaved timing rounds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def training_step(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tensor], device: torch.device,
+                  autocast: bool | None = None) -> Callable[[], None]:
+    """forward (bf16 autocast on CUDA unless `autocast` says otherwise), backward, fused AdamW step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    enabled = device.type == "cuda" if autocast is None else autocast
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+            loss = loss_fn(model)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def paired_rounds(fns: list[Callable[[], object]], device: torch.device, rounds: int, warmup: int = 2,
+                  calls: int = 1, clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Seconds per call of each function in each of `rounds` rounds (`calls` calls per round); the
+    functions alternate within a round, so load changes on a shared machine hit all alike: compare
+    them round by round. On a shared CPU `clock=time.process_time` counts this process's CPU time,
+    which other jobs disturb less."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, record in zip(fns, times, strict=True):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = clock()
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            record.append((clock() - start) / calls)
+    return times
+
+
+def ratio_summary(ours: list[float], peer: list[float]) -> str:
+    """Median of the round-by-round time ratios, with their range."""
+    ratios = sorted(o / p for o, p in zip(ours, peer, strict=True))
+    return f"{statistics.median(ratios):.3f} (paired rounds: {ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)})"
