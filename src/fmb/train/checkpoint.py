@@ -413,6 +413,79 @@ def _reapply_hyperparameters(optimizer: torch.optim.Optimizer, configured: list[
                 group[key] = wanted[key]
 
 
+# ----------------------------------------------------------------------------- upstream checkpoints
+
+# What any pickled checkpoint may rebuild: tensors, plain containers and NumPy scalars / arrays.
+_PLAIN_GLOBALS = {
+    ("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("builtins", "set"),
+    ("builtins", "frozenset"), ("builtins", "slice"), ("_codecs", "encode"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    *((f"numpy{sub}.dtypes", f"{kind}DType") for sub in ("", "._core") for kind in ("Float32", "Float64", "Int64", "Int32", "Bool")),
+    *(("numpy.dtypes", f"{kind}DType") for kind in ("Float16", "UInt8")),
+}
+
+
+class Inert(dict):
+    """Stands in for a pickled class or function the reader does not trust: it accepts calls, items
+    and state (kept as attributes), and runs nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.args = args
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
+        return Inert(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.state = state
+
+    def append(self, item: Any) -> None:
+        self.setdefault("_items", []).append(item)
+
+    def extend(self, items: Any) -> None:
+        self.setdefault("_items", []).extend(items)
+
+
+def read_foreign(path: Path, allowed: dict[tuple[str, str], type] | None = None, unknown: str = "refuse") -> Any:
+    """An upstream checkpoint file, read under one safe-unpickling policy: a `.safetensors` file as
+    tensors; a pickle (`torch.save`) rebuilding only tensors, plain containers, NumPy values and the
+    `allowed` (module, name) classes, mapped to fmb's stand-ins. Any other class or function is
+    refused (`unknown="refuse"`: CheckpointError) or becomes an `Inert` placeholder (`"inert"`, for
+    checkpoints that pickle training-framework objects next to the weights). Nothing in the file
+    runs, and no upstream package is needed."""
+    import pickle
+    import types
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    allowed = allowed or {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _PLAIN_GLOBALS:
+                return super().find_class(module, name)
+            if (module, name) in allowed:
+                return allowed[(module, name)]
+            if unknown == "inert":
+                return type(name, (Inert,), {"__module__": f"inert.{module}"})
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in this checkpoint")
+
+    module = types.SimpleNamespace(Unpickler=Unpickler, __name__="fmb_safe_pickle",
+                                   load=lambda f, **kw: Unpickler(f, **kw).load())
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=module)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to unpickle: {exc}") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- RNG state
 
 

@@ -20,16 +20,14 @@ three, or `q/k/v_proj_weight`; `in_proj_bias`; `out_proj`) -> `head.q/k/v/out_pr
 unexpected or mis-shaped key stops the conversion with the full list.
 
 Upstream checkpoints pickle Lightning / astroclip / dinov2 objects next to the weights. They
-are read with an unpickler that rebuilds tensors and plain containers and turns every other
-class or function into an inert placeholder: nothing in the file runs, and none of those
-packages is needed.
+are read by fmb's one reader of upstream checkpoints (`checkpoint.read_foreign`), which rebuilds
+tensors and plain containers and turns every other class or function into an inert placeholder:
+nothing in the file runs, and none of those packages is needed.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
-import types
 from pathlib import Path
 from typing import Any
 
@@ -51,56 +49,9 @@ from fmb.models.astroclip.trainer import (
 )
 from fmb.train import checkpoint as ckpt
 
-# ----------------------------------------------------------------------------- inert unpickling
-
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._utils", "_rebuild_parameter_with_state"),
-    ("torch", "Size"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-}
-
-
-class Inert(dict):
-    """Stands in for any pickled class or function: accepts calls, items, appends and state."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__()
-        self.args = args
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Inert:
-        return Inert(*args)
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def append(self, item: Any) -> None:
-        self.setdefault("_items", []).append(item)
-
-    def extend(self, items: Any) -> None:
-        self.setdefault("_items", []).extend(items)
-
-
-class InertUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        return type(name, (Inert,), {"__module__": f"inert.{module}"})
-
-
-_INERT_PICKLE = types.SimpleNamespace(Unpickler=InertUnpickler, __name__="fmb_inert_pickle",
-                                      load=lambda f, **kw: InertUnpickler(f, **kw).load())
-
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_INERT_PICKLE)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    raw = ckpt.read_foreign(path, unknown="inert")  # Lightning hyper-parameters become inert placeholders
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} does not hold a dictionary of weights")
     return raw

@@ -55,12 +55,9 @@ def read_upstream(src: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if not files:
             raise CheckpointError(f"{src} holds neither model.safetensors nor pytorch_model.bin")
         src = files[0]
-    if src.suffix == ".safetensors":
-        return ckpt.read_safetensors(src), config
-    try:
-        state = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {src}: {exc}") from None
+    state = ckpt.read_foreign(src)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{src} does not hold a dictionary of weights")
     return state.get("state_dict", state), config
 
 

@@ -1,22 +1,18 @@
 """`fmb convert astropt SRC.pt --out DIR`: an upstream AstroPT checkpoint -> an fmb checkpoint directory.
 
 Upstream checkpoints are pickles that hold `astropt.model.ModalityConfig` / `ModalityRegistry`
-objects. They are read with `torch.load(weights_only=True)` and an allow-list that maps those
-two classes onto plain stand-ins (plus NumPy scalars): nothing in the file can run code, and
-the `astropt` package is not needed. Both key layouts are understood: 2.x
+objects. They are read by fmb's one reader of upstream checkpoints (`checkpoint.read_foreign`)
+with an allow-list that maps those two classes onto plain stand-ins; anything else is refused:
+nothing in the file can run code, and the `astropt` package is not needed. Both key layouts are understood: 2.x
 (`transformer.wte/wpe.<mod>`, `lm_head.<mod>`) and 3.x (`encoders/embedders/decoders.<mod>`),
 with or without `module.` / `_orig_mod.` prefixes.
 """
 
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from fmb.errors import CheckpointError
 from fmb.models.astropt.model import Modality
@@ -32,14 +28,8 @@ class UpstreamModalityRegistry:
     """Stand-in for astropt.model.ModalityRegistry (attributes only)."""
 
 
-_ALLOWED = [
-    (UpstreamModalityConfig, "astropt.model.ModalityConfig"),
-    (UpstreamModalityRegistry, "astropt.model.ModalityRegistry"),
-    np.dtype,
-    type(np.dtype(np.float32)),
-    type(np.dtype(np.float64)),
-]
-_SCALAR = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+_ALLOWED = {("astropt.model", "ModalityConfig"): UpstreamModalityConfig,
+            ("astropt.model", "ModalityRegistry"): UpstreamModalityRegistry}
 
 # (pattern, replacement), applied in order to wrapper-free upstream keys.
 _KEY_RULES = [
@@ -59,14 +49,7 @@ _KEY_RULES = [
 
 
 def read_upstream(path: Path) -> dict[str, Any]:
-    allowed = _ALLOWED + [_SCALAR.scalar]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused to unpickle (only AstroPT checkpoint contents are allowed): {exc}") from None
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    raw = ckpt.read_foreign(path, _ALLOWED)
     if not isinstance(raw, dict) or "model" not in raw or not isinstance(raw["model"], dict):
         raise CheckpointError(f"{path} is not an AstroPT checkpoint (no 'model' state dict)")
     return raw
