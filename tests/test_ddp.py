@@ -96,3 +96,28 @@ def test_fsdp_matches_ddp_and_resumes(ddp_run, tmp_path):
     resumed = final_weights(tmp_path / "resumed")
     for key in fsdp:
         torch.testing.assert_close(resumed[key], fsdp[key], rtol=0, atol=1e-6)
+
+
+def test_every_family_trains_under_fsdp_with_an_uneven_validation_split(tmp_path):
+    """2 gloo ranks, 3 validation batches: a rank that ran fewer forwards would hang the collective."""
+    from tests.fsdp_families_worker import TINY
+
+    ports = ",".join(str(free_port()) for _ in TINY)
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "LOCAL_RANK"))}
+        env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{ROOT}",
+                   RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.fsdp_families_worker", str(tmp_path), ports],
+                                      env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]  # the timeout is the test's, not the code's
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
+    done = [line for line in outputs[0].splitlines() if line.startswith("FAMILY ")]
+    assert [line.split()[1] for line in done] == list(TINY)
+    assert all(" completed step 2 " in line and "val/loss" in line for line in done), done
+    for name in TINY:
+        assert (tmp_path / name / "checkpoints" / "step_0000002" / "optimizer").is_dir()  # sharded optimizer state

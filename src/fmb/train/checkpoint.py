@@ -62,8 +62,8 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Save CPU-contiguous copies; tensors sharing storage (tied weights) are stored separately.
 
-    The metadata goes in as one JSON entry: safetensors orders several entries differently in every
-    process, which would make the same state give different bytes."""
+    Several metadata entries go in as one JSON entry: safetensors orders several entries differently
+    in every process, which would make the same state give different bytes."""
     seen: set[tuple[int, int]] = set()
     tensors = {}
     for key, value in clean_state_dict(state).items():
@@ -73,7 +73,7 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[
             value = value.clone()
         seen.add(ident)
         tensors[key] = value
-    save_file(tensors, str(path), metadata={"fmb": json.dumps(metadata, sort_keys=True)})
+    save_file(tensors, str(path), metadata=metadata if len(metadata) <= 1 else {"fmb": json.dumps(metadata, sort_keys=True)})
     os.chmod(path, 0o666 & ~_umask())  # safetensors creates the file 0600
 
 

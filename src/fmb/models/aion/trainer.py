@@ -31,7 +31,7 @@ from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, Codec
 from fmb.models.aion.samples import band_errors, sample_grid, write_grid
 from fmb.models.aion.standin import ensure_standin
 from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
-from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
+from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput, parallel
 from fmb.train import checkpoint as ckpt
 from fmb.train.embed import EmbedBatch
 
@@ -242,12 +242,18 @@ class AionTrainer(BaseTrainer):
         return metrics
 
     def on_validation_end(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
-        if not self.dist.is_main:
+        # Under FSDP the weights are shards and every forward is a collective: every rank gathers the
+        # state and runs the sample forward; rank 0 writes.
+        sharded = parallel.is_sharded(self.cfg.parallel, self.dist)
+        if not (self.dist.is_main or sharded):
             return
-        state = {k: v for k, v in model.state_dict().items() if not k.startswith("codec.")}
-        ckpt.save_safetensors(state, self.run_dir / ADAPTERS_FILE, {"fmb_family": FAMILY, "step": str(step)})
-        if self.config.model.codec.train != "none":
-            save_codec(model.codec, self.run_dir / "codec")
+        full = parallel.full_model_state(model, self.cfg.parallel, self.dist)
+        if self.dist.is_main:
+            adapters = {k: v for k, v in full.items() if not k.startswith("codec.")}
+            ckpt.save_safetensors(adapters, self.run_dir / ADAPTERS_FILE, {"fmb_family": FAMILY, "step": str(step)})
+            if self.config.model.codec.train != "none":
+                save_codec(model.codec, self.run_dir / "codec",
+                           {k[len("codec."):]: v for k, v in full.items() if k.startswith("codec.")})
         count = min(self.config.data.sample_grid, len(self.val_set))
         if count <= 0:
             return
@@ -259,6 +265,8 @@ class AionTrainer(BaseTrainer):
             out = model(euclid)
         if was_training:
             self.set_train_mode(model)
+        if not self.dist.is_main:
+            return
         spread = out["euclid"].float().flatten(-2).std(dim=-1)  # (objects, bands) spatial spread
         if bool((spread < 1e-6 * euclid.abs().flatten(-2).amax(-1).clamp_min(1e-12)).all()):
             log.warning("the reconstructed Euclid images are flat: the codec passes no structure (a random codec "

@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models.aion.model import AionImageCodec, CodecConfig
 from fmb.train import checkpoint as ckpt
@@ -118,12 +120,13 @@ def load_codec(path: str | Path) -> AionImageCodec:
     return codec
 
 
-def save_codec(codec: AionImageCodec, directory: str | Path) -> Path:
-    """Write config.json + model.safetensors with upstream key names (loadable by fmb and polymathic-aion)."""
+def save_codec(codec: AionImageCodec, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config.json + model.safetensors with upstream key names (loadable by fmb and polymathic-aion);
+    `state`: the codec's full state where the module holds shards (FSDP)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(json.dumps(dataclasses.asdict(codec.cfg), indent=2))
-    state = {UPSTREAM_KEYS.get(k, k): v for k, v in codec.state_dict().items()}
+    state = {UPSTREAM_KEYS.get(k, k): v for k, v in (codec.state_dict() if state is None else state).items()}
     ckpt.save_safetensors(state, directory / WEIGHTS_NAME, {"format": "pt"})
     return directory
 
