@@ -438,6 +438,9 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
                            "--data", str(run / "data"), "--split", "test", "--batch-size", "4", "--random-init")
     assert code == 0, err
     random_values = np.stack(pq.read_table(baseline).column("embedding_image").to_numpy(zero_copy_only=False))
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(tmp_path / "x.parquet"),
+                           "--set", "model.hidden=8")  # --set reaches the architecture, which must fit
+    assert code == 1 and "does not fit the model" in err
     assert random_values.shape == values.shape and not np.allclose(random_values, values)
 
     # codec fine-tune mode: only the decoder moves

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fmb.data.synth import astroclip as synth
 from fmb.data.synth import euclid_desi as synth_euclid
-from fmb.errors import CheckpointError, DataError
+from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.models.astroclip.data import AstroClipHDF5, EuclidDesiPairs, augment, legacy_survey_rgb
 from fmb.models.astroclip.model import (
     AstroCLIP,
@@ -381,6 +381,24 @@ def test_specformer_pretraining_runs_and_feeds_alignment(tmp_path, h5_file):
     model = trainer.build_model()
     saved = ckpt.read_safetensors(ckpt.find_checkpoint(tmp_path / "spec") / ckpt.MODEL_FILE)
     assert torch.equal(model.spectrum_encoder.backbone.data_embed.weight, saved["data_embed.weight"])
+
+    # `fmb embed specformer`: spectrum embeddings of the validation part; --set reaches the config
+    import pyarrow.parquet as pq
+
+    from fmb.models import get_family
+    from fmb.train.embed import EmbedOptions, run_embed
+
+    family = get_family("specformer")
+    out = run_embed(family, tmp_path / "spec", tmp_path / "s.parquet",
+                    EmbedOptions(split="validation", device="cpu", batch_size=8)).out
+    table = pq.read_table(out)
+    assert table.num_rows == 24 and set(table.column("split").to_pylist()) == {"validation"}
+    assert table.schema.field("embedding_spectrum").type.list_size == 64  # the demo preset's width
+    with pytest.raises(ConfigError, match="one of train, validation"):
+        run_embed(family, tmp_path / "spec", tmp_path / "t.parquet", EmbedOptions(split="test", device="cpu"))
+    with pytest.raises(CheckpointError, match="does not fit"):  # --set model.preset reaches the architecture
+        run_embed(family, tmp_path / "spec", tmp_path / "u.parquet",
+                  EmbedOptions(device="cpu", sets=["model.preset=small"]))
 
 
 # ----------------------------------------------------------------------------- conversion and embeddings

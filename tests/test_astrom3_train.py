@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from fmb import cli
+from fmb.data.surveys.astrom3 import CLASSES
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models import write_synthetic
 from fmb.models.astrom3.convert import convert
@@ -169,6 +170,14 @@ def test_embed_cli_writes_embeddings(monkeypatch, capsys, tmp_path, clip_run):
     code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(clip_run), "--out", str(out),
                        "--set", "split=test")
     assert code == 2 and "unknown config key 'split'" in err  # --set is the run's config, honoured or refused
+    classes = table.column("label").to_pylist()
+    reordered = sorted(set(classes), reverse=True)  # the same classes in another order: other class indices
+    others = [c for c in CLASSES if c not in reordered]
+    code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(clip_run), "--out", str(out),
+                       "--device", "cpu", "--split", "test", "--set", f"data.classes=[{', '.join(reordered + others)}]")
+    assert code == 0, err
+    index = pq.read_table(out).column("class_index").to_pylist()
+    assert index == [(reordered + others).index(c) for c in classes]
 
 
 # ----------------------------------------------------------------------------- conversion

@@ -73,6 +73,11 @@ def test_tokenize_cli_train_and_embed(tmp_path, monkeypatch, capsys):
     keys = TokenShards(shards).objects(["key"]).column("key").to_numpy()
     assert table.num_rows == len(keys)  # every object, each with the split it belongs to in the run
     assert table.column("split").to_pylist().count("validation") == holdout_mask(keys, 0.2, 0).sum() > 0
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astromodal", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out_file), "--device", "cpu", "--split", "validation",
+                           "--set", "data.val_fraction=0.5")  # --set reaches the run's split
+    assert code == 0, err
+    assert pq.read_table(out_file).num_rows == holdout_mask(keys, 0.5, 0).sum() > holdout_mask(keys, 0.2, 0).sum()
     vectors = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
     assert vectors.shape == (table.num_rows, 64) and np.isfinite(vectors).all()
     assert set(table.column_names) >= {"object_id", "field", "truth_redshift"}
