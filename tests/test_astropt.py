@@ -435,6 +435,14 @@ def test_demo_trains_and_embeds(monkeypatch, capsys, tmp_path):
     assert code == 0, err
     random_joint = np.stack(pq.read_table(baseline).column("embedding_joint").to_numpy(zero_copy_only=False))
     assert random_joint.shape == joint.shape and not np.allclose(random_joint, joint)
+    last = tmp_path / "last.parquet"  # --set reaches the config: the last block's output instead of the middle one
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(last),
+                           "--split", "validation", "--set", "model.embed_layer=last")
+    assert code == 0, err
+    last_table = pq.read_table(last)
+    assert set(last_table.column("split").to_pylist()) == {"validation"}
+    rows = [table.column("object_id").to_pylist().index(i) for i in last_table.column("object_id").to_pylist()]
+    assert not np.allclose(np.stack(last_table.column("embedding_joint").to_numpy(zero_copy_only=False)), joint[rows])
     code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
                         "--data", str(run / "data"))
     assert code == 0 and set(pq.read_table(out).column("split").to_pylist()) == {"train", "test"}  # as named there
