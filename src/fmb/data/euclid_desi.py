@@ -24,6 +24,7 @@ from fmb.errors import ConfigError, DataError
 log = logging.getLogger("fmb")
 
 DESI_PIXELS = 7781
+DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid: 3600 to 9824 Angstrom in 0.8 Angstrom steps
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
 # Per-band zero points (Jy) for the flux conversion factor ZP_nu / 3631.
 EUCLID_ZERO_POINTS = {"VIS_image": 2835.34, "NISP_Y_image": 1916.10, "NISP_J_image": 1370.25, "NISP_H_image": 918.35}

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# DESI coadd grid: 3600 to 9824 Angstrom in 0.8 Angstrom steps.
-DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(7781)
+from fmb.data.euclid_desi import DESI_WAVELENGTH
 
 # Rest-frame lines (Angstrom). Emission: [OII], Hbeta, [OIII] x2, [NII] x2, Halpha, [SII] x2.
 EMISSION_LINES = np.array([3727.1, 4861.3, 4958.9, 5006.8, 6548.0, 6562.8, 6583.5, 6716.4, 6730.8])

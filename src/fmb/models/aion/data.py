@@ -1,13 +1,20 @@
-"""Euclid band cutouts (VIS, NISP Y, J, H) of the Euclid + DESI sample as 4 x 96 x 96 flux tensors.
+"""Euclid band cutouts (VIS, NISP Y, J, H) of the Euclid + DESI sample as 4 x 96 x 96 flux tensors, and
+(for `fmb embed`) the DESI spectra.
 
 Per band: the 2-D array is multiplied by ZP_nu / 3631 (fmb.data.euclid_desi.EUCLID_ZERO_POINTS),
 non-finite pixels become 0 and are masked out of the loss, and the cutout is brought to 96 x 96
 (`resize`: antialiased bilinear, any input size; `crop`: centre crop, inputs must be >= 96). A band
 that is missing or entirely non-finite is an error naming the file, row, column and object.
+
+Spectra: flux with NaN -> 0, inverse variance 1 / error^2 (0 where the error is not positive and finite),
+and a bad-pixel mask (non-finite flux or zero inverse variance) on the DESI grid; a spectrum on any other
+wavelength grid is an error naming the file and row. A row without a spectrum, or whose pixels are all
+bad, is embedded without one (`has_spectrum` False).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
@@ -15,11 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, EUCLID_ZERO_POINTS, SplitRows, scalar_values
+from fmb.data.euclid_desi import (
+    DESI_PIXELS,
+    DESI_WAVELENGTH,
+    EUCLID_BAND_COLUMNS,
+    EUCLID_ZERO_POINTS,
+    SplitRows,
+    inverse_variance,
+    scalar_values,
+)
 from fmb.errors import DataError
 
+log = logging.getLogger("fmb")
+
 COLUMNS = ["object_id", *EUCLID_BAND_COLUMNS]
+SPECTRUM_COLUMN = "spectrum"
 SIZE = 96
+WAVELENGTH_TOLERANCE = 0.01  # Angstrom: float32 storage of the DESI grid is exact to ~1e-3
 Fit = Literal["resize", "crop"]
 
 
@@ -64,7 +83,9 @@ class EuclidBands(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows.row(i)
+        return self.item(self.rows.row(i), i)
+
+    def item(self, row: dict, i: int) -> dict:
         object_id = int(row["object_id"])
         images, masks = [], []
         for column, factor in zip(EUCLID_BAND_COLUMNS, self.factors, strict=True):
@@ -74,3 +95,50 @@ class EuclidBands(Dataset):
             masks.append(mask)
         return {"object_id": torch.tensor(object_id, dtype=torch.int64),
                 "euclid": torch.stack(images), "valid": torch.stack(masks), **scalar_values(row, self.extra_columns)}
+
+
+def desi_spectrum(value: dict | None, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A row's `spectrum` struct -> (flux with NaN -> 0, inverse variance, bad-pixel mask) on the DESI grid,
+    or None when the row has no usable spectrum (null, no flux or error, every pixel bad)."""
+    if value is None or value.get("flux") is None:
+        return None
+    flux = np.asarray(value["flux"], dtype=np.float32)
+    wavelength = value.get("wavelength")
+    if wavelength is None:
+        raise DataError(f"{where}: the spectrum has flux but no wavelength")
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    if wavelength.shape != DESI_WAVELENGTH.shape or np.abs(wavelength - DESI_WAVELENGTH).max() > WAVELENGTH_TOLERANCE:
+        span = f"{wavelength[0]:.1f} to {wavelength[-1]:.1f}" if wavelength.size else "nothing"
+        raise DataError(f"{where}: the spectrum is not on the DESI grid ({DESI_PIXELS} pixels, 3600 to 9824 A in "
+                        f"0.8 A steps): its wavelength has {wavelength.size} pixels from {span}")
+    if value.get("error") is None:
+        log.warning(f"{where}: the spectrum has no error (so no inverse variance); embedded without a spectrum")
+        return None
+    error = np.asarray(value["error"], dtype=np.float32)
+    if flux.shape != wavelength.shape or error.shape != wavelength.shape:
+        raise DataError(f"{where}: the spectrum's flux ({flux.size}) and error ({error.size}) need one value per "
+                        f"wavelength ({DESI_PIXELS})")
+    ivar = inverse_variance(error).astype(np.float32)
+    bad = ~np.isfinite(flux) | (ivar <= 0)
+    if bad.all():
+        log.warning(f"{where}: every spectrum pixel is NaN or has no valid error; embedded without a spectrum")
+        return None
+    return np.where(bad, 0.0, flux).astype(np.float32), np.where(bad, 0.0, ivar).astype(np.float32), bad
+
+
+class EuclidBandsAndSpectrum(EuclidBands):
+    """EuclidBands plus the DESI spectrum (`spectrum_flux`, `spectrum_ivar`, `spectrum_bad`, `has_spectrum`);
+    rows without one get zeros and has_spectrum False."""
+
+    def __init__(self, rows: SplitRows, size: int = SIZE, fit: Fit = "resize", extra_columns: tuple[str, ...] = ()) -> None:
+        super().__init__(rows, size, fit, extra_columns)
+        self.empty = (np.zeros(DESI_PIXELS, np.float32), np.zeros(DESI_PIXELS, np.float32), np.ones(DESI_PIXELS, bool))
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows.row(i)
+        item = self.item(row, i)
+        spectrum = desi_spectrum(row[SPECTRUM_COLUMN], f"{self.rows.where(i)}, column {SPECTRUM_COLUMN}, "
+                                                       f"object_id {item['object_id'].item()}")
+        flux, ivar, bad = self.empty if spectrum is None else spectrum
+        return {**item, "spectrum_flux": torch.from_numpy(flux), "spectrum_ivar": torch.from_numpy(ivar),
+                "spectrum_bad": torch.from_numpy(bad), "has_spectrum": torch.tensor(spectrum is not None)}

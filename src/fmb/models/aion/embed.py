@@ -1,11 +1,10 @@
-"""`fmb embed aion`: per-object codec-latent embeddings of the adapted (HSC-like) Euclid image.
+"""`fmb embed aion`: per-object AION embeddings of the adapted (HSC-like) Euclid image and the DESI spectrum.
 
 Columns (fmb's embedding schema): object_id, redshift and truth_* when the data has them;
-`embedding_image` = the codec's pre-quantisation latents (embedding_dim, 5 for AION) pooled over
-the 24 x 24 grid; `embedding_image_encoder` = the encoder features before the 1x1 projection
-(hidden_dims wide) pooled likewise. Pooling = per-channel mean and standard deviation over the
-grid (2 x channels): the mean keeps colour and flux, the spread keeps how the object fills the
-grid (size, concentration), which a mean alone averages away. Float32 fixed-size lists.
+`embedding_image`, `embedding_spectrum` (null without a spectrum), `embedding_joint` from the AION
+transformer and `aion_redshift` from its decoder (fmb.models.aion.embedder); with
+model.embed.codec_latents also `embedding_image_codec` and `embedding_image_codec_encoder`.
+The transformer comes from model.transformer.path, else paths_local.yaml `aion_model`.
 """
 
 from __future__ import annotations
@@ -19,16 +18,29 @@ from tqdm import tqdm
 
 from fmb.data.euclid_desi import embedding_rows
 from fmb.embeddings import EmbeddingWriter
-from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands
-from fmb.models.aion.model import HSC_BANDS, AionImageCodec
-from fmb.models.aion.trainer import build_adapters, load_checkpoint_model
+from fmb.errors import ConfigError
+from fmb.models.aion.data import COLUMNS, SIZE, SPECTRUM_COLUMN, EuclidBands, EuclidBandsAndSpectrum
+from fmb.models.aion.embedder import AionEmbedder
+from fmb.models.aion.model import AionImageCodec
+from fmb.models.aion.pretrained import PATHS_KEY, AionModel, load_aion
+from fmb.models.aion.trainer import AionModelConfig, build_adapters, load_checkpoint_model
+from fmb.paths import find_paths_file
 from fmb.train.distributed import resolve_device
 
 
-def grid_pool(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C) float32: per-channel mean, then standard deviation, over the grid."""
-    features = features.float()
-    return torch.cat([features.mean(dim=(-1, -2)), features.std(dim=(-1, -2))], dim=1)
+def embedding_transformer(cfg: AionModelConfig, image_codec: AionImageCodec) -> AionModel | None:
+    """The AION transformer and codecs to embed with (None with model.embed.transformer=false)."""
+    if not cfg.embed.transformer:
+        if not cfg.embed.codec_latents:
+            raise ConfigError("model.embed.transformer=false and model.embed.codec_latents=false leave nothing to embed")
+        return None
+    path = cfg.transformer.path or find_paths_file().resolved().get(PATHS_KEY)
+    if not path:
+        raise ConfigError(f"no AION transformer to embed with: set `{PATHS_KEY}:` in paths_local.yaml to the "
+                          "polymathic-ai/aion-base directory (docs/aion.md), or --set model.transformer.path=DIR; "
+                          "--set model.embed.transformer=false --set model.embed.codec_latents=true embeds the codec "
+                          "latents alone")
+    return load_aion(path, cfg.transformer.size, image_codec)
 
 
 def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]) -> Path:
@@ -40,16 +52,18 @@ def embed(checkpoint: Path, data: str | None, out: Path, options: dict[str, Any]
         model = fresh
     device = resolve_device(options.get("device", "auto"), 0)
     model.to(device).eval()
-    rows, targets = embedding_rows(data, options.get("split"), COLUMNS, config.data, config.train.seed)
-    dataset = EuclidBands(rows, SIZE, config.data.fit, tuple(targets))
+    aion = embedding_transformer(config.model, model.codec)
+    embedder = AionEmbedder(model, aion and aion.to(device), config.model.embed, device)
+    columns = COLUMNS + [SPECTRUM_COLUMN] if embedder.spectra else COLUMNS
+    rows, targets = embedding_rows(data, options.get("split"), columns, config.data, config.train.seed)
+    dataset = (EuclidBandsAndSpectrum if embedder.spectra else EuclidBands)(rows, SIZE, config.data.fit, tuple(targets))
     writer = EmbeddingWriter(out)
     loader = DataLoader(Subset(dataset, range(writer.rows_done, len(dataset))), batch_size=options.get("batch_size", 64),
                         num_workers=options.get("num_workers", 2), pin_memory=device.type == "cuda")
-    codec = model.codec
     with torch.no_grad():
         for batch in tqdm(loader, desc="embed aion", unit="batch", disable=None):
-            hsc = model.to_hsc(batch["euclid"].to(device, non_blocking=True))
-            encoded = codec.encode_features(hsc, HSC_BANDS)
-            vectors = {"image": grid_pool(codec.pre_quant_proj(encoded)), "image_encoder": grid_pool(encoded)}
-            writer.add(batch["object_id"].numpy(), {name: batch[name].numpy() for name in targets}, vectors)
+            vectors, present = embedder(batch)
+            values = {name: batch[name].numpy() for name in targets}
+            values.update({name: value.float().cpu().numpy() for name, value in embedder.predictions.items()})
+            writer.add(batch["object_id"].numpy(), values, vectors, present)
     return writer.finish()

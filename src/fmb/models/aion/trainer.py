@@ -5,6 +5,8 @@ Euclid (in flux, or in arcsinh space with model.loss_space=asinh), plus optional
 model.latent_weight x MSE between the codec latents of the adapted image and of its reconstruction.
 Codec fine-tune mode: model.codec.train = encoder | decoder | all (needs model.gradient=full).
 Without the published codec: model.codec.standin_steps pretrains a stand-in (fmb.models.aion.standin).
+`model.transformer` and `model.embed` are read by `fmb embed aion` (the AION transformer is not trained here);
+model.transformer.random_init writes a random stand-in transformer into the run for it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from fmb.data.euclid_desi import EUCLID_BAND_COLUMNS, open_split
 from fmb.errors import ConfigError
 from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
 from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm
+from fmb.models.aion.pretrained import ensure_standin as ensure_transformer_standin
 from fmb.models.aion.samples import band_errors, sample_grid, write_grid
 from fmb.models.aion.standin import ensure_standin
+from fmb.models.aion.transformer import DEFAULT_ENCODER_TOKENS, PRESETS
 from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
@@ -35,6 +39,7 @@ FAMILY = "aion"
 BAND_NAMES = tuple(c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS)
 ADAPTERS_FILE = "adapters.safetensors"
 STANDIN_DIR = "standin_codec"
+STANDIN_TRANSFORMER_DIR = "standin_transformer"
 
 
 @dataclass
@@ -50,8 +55,25 @@ class AionCodecSettings:
 
 
 @dataclass
+class AionTransformerSettings:
+    path: str | None = None  # AION model directory (fmb.models.aion.pretrained); unset: paths_local.yaml aion_model
+    size: str | None = "base"  # preset it must have: base | large | xlarge (demo: stand-ins); null: any size
+    random_init: bool = False  # write a RANDOM stand-in of `size` to <run>/standin_transformer (demos, tests)
+
+
+@dataclass
+class AionEmbedSettings:
+    transformer: bool = True  # embedding_image / _spectrum / _joint from the AION transformer (needs its weights)
+    num_encoder_tokens: int = DEFAULT_ENCODER_TOKENS  # encoder token budget (AION.encode's; the FMB study used 600)
+    redshift: bool = True  # zero-shot `aion_redshift` from the decoder, when the transformer predicts tok_z
+    codec_latents: bool = False  # also the pooled image-codec latents: embedding_image_codec, _image_codec_encoder
+
+
+@dataclass
 class AionModelConfig:
     codec: AionCodecSettings = field(default_factory=AionCodecSettings)
+    transformer: AionTransformerSettings = field(default_factory=AionTransformerSettings)
+    embed: AionEmbedSettings = field(default_factory=AionEmbedSettings)
     depth: int = 2  # U-Net max-pool steps
     hidden: int = 16  # U-Net widths hidden, 2 x hidden, ... (16/32/64)
     norm: Norm = "batch"
@@ -93,6 +115,14 @@ def check_config(model: AionModelConfig) -> None:
     if model.codec.standin_steps and (model.codec.path or not model.codec.random_init or model.init_from):
         raise ConfigError("model.codec.standin_steps pretrains a stand-in for a missing codec: it needs "
                           "model.codec.random_init=true and no model.codec.path or model.init_from")
+    transformer = model.transformer
+    if transformer.size is not None and transformer.size not in PRESETS:
+        raise ConfigError(f"model.transformer.size={transformer.size} is not one of {', '.join(PRESETS)} (or null)")
+    if transformer.random_init and (transformer.path or transformer.size is None):
+        raise ConfigError("model.transformer.random_init=true writes a stand-in of model.transformer.size: it needs "
+                          "a size and no model.transformer.path")
+    if model.embed.num_encoder_tokens < 1:
+        raise ConfigError(f"model.embed.num_encoder_tokens must be >= 1, got {model.embed.num_encoder_tokens}")
     if model.depth < 0 or model.hidden < 1:
         raise ConfigError(f"model.depth must be >= 0 and model.hidden >= 1, got {model.depth} and {model.hidden}")
 
@@ -151,6 +181,13 @@ class AionTrainer(BaseTrainer):
             # From here on it is a codec on disk like the published one: config.yaml records its path (and no
             # steps), so the saved config re-runs as is; <dir>/standin.json keeps how it was made.
             codec.path, codec.standin_steps = str(directory.resolve()), 0
+        transformer = self.config.model.transformer
+        if transformer.random_init:
+            directory = self.run_dir / STANDIN_TRANSFORMER_DIR
+            with self.main_process_first() as is_main:
+                if is_main:
+                    ensure_transformer_standin(directory, transformer.size, self.cfg.seed)
+            transformer.path, transformer.random_init = str(directory.resolve()), False  # as for the stand-in codec
         if data.path is None:
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")

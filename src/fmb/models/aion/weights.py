@@ -43,12 +43,18 @@ def _snapshots(cache_model_dir: Path) -> list[Path]:
     return ordered
 
 
-def candidate_dirs(root: Path) -> list[Path]:
-    """Directories that may hold config.json + model.safetensors, in the order they are tried."""
-    out = [root, root / HUB_SUBDIR]
+def hub_roots(root: Path) -> list[Path]:
+    """`root` and the snapshots of polymathic-ai/aion-base when `root` is (or holds) an offline HuggingFace cache."""
+    out = [root]
     for model_dir in (root, root / HUB_CACHE_NAME, root / "hub" / HUB_CACHE_NAME):
-        out += [snapshot / HUB_SUBDIR for snapshot in _snapshots(model_dir)]
+        out += _snapshots(model_dir)
     return out
+
+
+def candidate_dirs(root: Path) -> list[Path]:
+    """Directories that may hold config.json + model.safetensors, in the order they are tried: the hub layout
+    first, since its root holds the transformer's config.json + model.safetensors."""
+    return [hub / HUB_SUBDIR for hub in hub_roots(root)] + [root]
 
 
 def find_codec_dir(path: str | Path) -> Path:
