@@ -259,7 +259,7 @@ def test_standin_is_written_once_reused_and_checked(tmp_path, caplog):
         ensure_standin(directory, TINY, 2, 0, torch.device("cpu"), progress=False)
     assert (directory / "model.safetensors").read_bytes() == first
     assert "reusing" in caplog.text
-    with pytest.raises(ConfigError, match="trained with"):
+    with pytest.raises(ConfigError, match="made with"):
         ensure_standin(directory, TINY, 3, 0, torch.device("cpu"), progress=False)
 
 

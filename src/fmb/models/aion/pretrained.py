@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from fmb.models.aion.spectrum import (
     from_upstream_key,
     to_upstream_key,
 )
+from fmb.models.aion.standin import write_once
 from fmb.models.aion.transformer import (
     IMAGE_HSC,
     MODALITIES,
@@ -55,6 +55,7 @@ from fmb.models.aion.weights import (
     find_codec_dir,
     hub_roots,
     read_codec_config,
+    read_json_object,
 )
 from fmb.train import checkpoint as ckpt
 
@@ -116,14 +117,8 @@ def find_model_dir(path: str | Path) -> Path:
 
 def read_json_config(file: Path, cls: type, what: str):
     """A config dataclass from a JSON file, every key and type checked (fmb.config's schema rules)."""
-    try:
-        raw = json.loads(Path(file).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {file}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object of {what} settings")
     layers = ConfigLayers()
-    layers.add(raw, str(file))
+    layers.add(read_json_object(file, what), str(file))
     try:
         return build(cls, layers)
     except ConfigError as exc:
@@ -281,24 +276,15 @@ def random_standin(size: str, seed: int) -> AionModel:
 
 def ensure_standin(directory: Path, size: str, seed: int) -> Path:
     """A random stand-in under `directory` (upstream layout + standin.json): written there, or reused when a
-    complete one of the same size and seed is there (a resumed run). Written to a sibling, then renamed."""
-    wanted = {"size": size, "seed": seed}
-    if (directory / STANDIN_MARK).is_file() and (directory / WEIGHTS_NAME).is_file():
-        found = json.loads((directory / STANDIN_MARK).read_text())
-        if {key: found.get(key) for key in wanted} != wanted:
-            raise ConfigError(f"{directory} holds a stand-in AION transformer made with {found}, not {wanted}: delete it "
-                              "or choose another --out")
-        log.info(f"stand-in AION transformer: reusing {directory}")
-        return directory
-    log.warning(f"no published AION transformer: writing a RANDOM stand-in ({size}) to {directory}. Its embeddings "
-                "exercise the pipeline; set model.transformer.path (paths_local.yaml: aion_model) for AION itself.")
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    save_aion(random_standin(size, seed), staging)
-    (staging / STANDIN_MARK).write_text(json.dumps({**wanted, "weights": "random (never trained)"}, indent=2))
-    shutil.rmtree(directory, ignore_errors=True)
-    staging.rename(directory)
-    return directory
+    complete one of the same size and seed is there (a resumed run)."""
+
+    def write(staging: Path) -> dict:
+        log.warning(f"no published AION transformer: writing a RANDOM stand-in ({size}) to {directory}. Its embeddings "
+                    "exercise the pipeline; set model.transformer.path (paths_local.yaml: aion_model) for AION itself.")
+        save_aion(random_standin(size, seed), staging)
+        return {"weights": "random (never trained)"}
+
+    return write_once(directory, {"size": size, "seed": seed}, "stand-in AION transformer", write)
 
 
 # ----------------------------------------------------------------------------- fmb doctor

@@ -156,44 +156,47 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """What self- and cross-attention share: heads, the output projection and optional QK-norms."""
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = LayerNorm(cfg.dim // cfg.num_heads, cfg.norm_bias)
             self.k_norm = LayerNorm(cfg.dim // cfg.num_heads, cfg.norm_bias)
+
+    def heads_out(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
+        """(B, heads, N, d) queries, keys, values -> (B, N, heads * d) projected output."""
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = attend(q, k, v, blocked).transpose(1, 2)
+        return self.proj(out.reshape(*out.shape[:2], -1))
+
+
+class SelfAttention(Attention):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__(cfg)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
 
     def forward(self, x: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(attend(q, k, v, blocked).transpose(1, 2).reshape(B, N, C))
+        return self.heads_out(*self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4), blocked)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.heads = cfg.num_heads
+        super().__init__(cfg)
         self.q = nn.Linear(cfg.dim, cfg.dim, bias=cfg.qkv_bias)
         self.kv = nn.Linear(cfg.dim, 2 * cfg.dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.proj_bias)
-        self.qk_norm = cfg.qk_norm
-        if cfg.qk_norm:
-            self.q_norm = LayerNorm(cfg.dim // cfg.num_heads, cfg.norm_bias)
-            self.k_norm = LayerNorm(cfg.dim // cfg.num_heads, cfg.norm_bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, blocked: torch.Tensor | None) -> torch.Tensor:
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.heads, C // self.heads).transpose(1, 2)
         k, v = self.kv(context).view(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.proj(attend(q, k, v, blocked).transpose(1, 2).reshape(B, N, C))
+        return self.heads_out(q, k, v, blocked)
 
 
 class FeedForward(nn.Module):

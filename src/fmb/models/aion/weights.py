@@ -74,13 +74,19 @@ def find_codec_dir(path: str | Path) -> Path:
     )
 
 
-def read_codec_config(file: Path) -> CodecConfig:
+def read_json_object(file: Path, what: str) -> dict:
+    """The JSON object in `file` (a config.json of AION weights), or a CheckpointError saying what is wrong."""
     try:
         raw = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read the codec config {file}: {exc}") from None
+        raise CheckpointError(f"cannot read the {what} config {file}: {exc}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object of codec settings")
+        raise CheckpointError(f"{file}: expected a JSON object of {what} settings")
+    return raw
+
+
+def read_codec_config(file: Path) -> CodecConfig:
+    raw = read_json_object(file, "image-codec")
     known = {f.name: f for f in dataclasses.fields(CodecConfig)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
