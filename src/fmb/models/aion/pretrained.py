@@ -28,7 +28,7 @@ from safetensors.torch import save_model
 from fmb.config import ConfigLayers, build
 from fmb.errors import CheckpointError, ConfigError
 from fmb.models.aion.model import CROP, AionImageCodec
-from fmb.models.aion.redshift import OLDER_KEYS, UPSTREAM_KEYS, RedshiftCodec
+from fmb.models.aion.redshift import OLDER_KEYS, UPSTREAM_KEYS, RedshiftCodec, RedshiftCodecConfig
 from fmb.models.aion.spectrum import (
     SpectrumCodec,
     SpectrumCodecConfig,
@@ -71,14 +71,6 @@ DEMO_SPECTRUM = SpectrumCodecConfig(encoder_depths=(1, 1, 1, 1), encoder_dims=(8
 DOWNLOAD = ("huggingface-cli download polymathic-ai/aion-base config.json model.safetensors "
             "codecs/image/config.json codecs/image/model.safetensors codecs/spectrum/config.json "
             "codecs/spectrum/model.safetensors codecs/Z/config.json codecs/Z/model.safetensors --local-dir DIR")
-
-
-@dataclass
-class RedshiftCodecConfig:
-    """`codecs/Z/config.json` (upstream `GridScalarCodec`)."""
-
-    modality: str = "Z"
-    codebook_size: int = 1024
 
 
 @dataclass

@@ -5,11 +5,21 @@ redshift of a predicted token distribution.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 UPSTREAM_KEYS = {"buckets": "_quantizer.buckets"}  # fmb name -> upstream name
 OLDER_KEYS = {"quantizer.buckets": "buckets"}  # upstream's own loader accepts this older name too
+
+
+@dataclass
+class RedshiftCodecConfig:
+    """`codecs/Z/config.json` (upstream `GridScalarCodec`)."""
+
+    modality: str = "Z"
+    codebook_size: int = 1024
 
 
 class RedshiftCodec(nn.Module):
