@@ -294,7 +294,7 @@ def test_standin_is_written_once_reused_and_checked(tmp_path, caplog):
         ensure_standin(directory, TINY, 2, 0, torch.device("cpu"), progress=False)
     assert (directory / "model.safetensors").read_bytes() == first
     assert "reusing" in caplog.text
-    with pytest.raises(ConfigError, match="trained with"):
+    with pytest.raises(ConfigError, match="made with"):
         ensure_standin(directory, TINY, 3, 0, torch.device("cpu"), progress=False)
 
 
@@ -421,27 +421,40 @@ def test_demo_trains_writes_outputs_and_embeds(monkeypatch, capsys, tmp_path):
     assert "resumed from" in (run / "train.log").read_text()
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 18
 
+    # the demo's random stand-in AION transformer, written into the run for fmb embed
+    standin = json.loads((run / "standin_transformer" / "standin.json").read_text())
+    assert standin["size"] == "demo" and standin["weights"].startswith("random")
+    assert f"path: {(run / 'standin_transformer').resolve()}" in (run / "config.yaml").read_text()
     out = tmp_path / "emb.parquet"
     code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
-                        "--data", str(run / "data"), "--split", "test", "--batch-size", "4")
+                        "--data", str(run / "data"), "--split", "test", "--batch-size", "4",
+                        "--set", "model.embed.codec_latents=true")
     assert code == 0, err
     table = pq.read_table(out)
     n_test = pq.ParquetFile(run / "data" / "data" / "test-00000-of-00001.parquet").metadata.num_rows
     assert table.num_rows == n_test
-    assert table.column("embedding_image").type.list_size == 10  # mean and spread of 5 latent channels
-    assert table.column("embedding_image_encoder").type.list_size == 16
+    for name in ("image", "spectrum", "joint"):  # the transformer's (demo width 64)
+        assert table.column(f"embedding_{name}").type.list_size == 64
+    assert table.column("embedding_image_codec").type.list_size == 10  # mean and spread of 5 latent channels
+    assert table.column("embedding_image_codec_encoder").type.list_size == 16
     values = np.stack(table.column("embedding_image").to_numpy(zero_copy_only=False))
-    assert np.isfinite(values).all() and values.std(axis=0).max() > 0
+    assert np.isfinite(values).all()
+    # (a random demo codec may give these few objects the same tokens; its latents still differ)
+    latents = np.stack(table.column("embedding_image_codec").to_numpy(zero_copy_only=False))
+    assert latents.std(axis=0).max() > 0
+    redshift = table.column("aion_redshift").to_numpy()
+    assert np.isfinite(redshift).all() and ((redshift >= 0) & (redshift <= 1)).all()  # the stand-in's codec: [0, 1]
     assert {"redshift", "truth_type"} <= set(table.column_names)  # targets carried for fmb evaluate
     baseline = tmp_path / "random.parquet"
     code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(baseline),
-                           "--data", str(run / "data"), "--split", "test", "--batch-size", "4", "--random-init")
+                           "--data", str(run / "data"), "--split", "test", "--batch-size", "4", "--random-init",
+                           "--set", "model.embed.codec_latents=true")
     assert code == 0, err
-    random_values = np.stack(pq.read_table(baseline).column("embedding_image").to_numpy(zero_copy_only=False))
+    random_values = np.stack(pq.read_table(baseline).column("embedding_image_codec").to_numpy(zero_copy_only=False))
     code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(tmp_path / "x.parquet"),
                            "--set", "model.hidden=8")  # --set reaches the architecture, which must fit
     assert code == 1 and "does not fit the model" in err
-    assert random_values.shape == values.shape and not np.allclose(random_values, values)
+    assert random_values.shape == latents.shape and not np.allclose(random_values, latents)
 
     # codec fine-tune mode: only the decoder moves
     tuned = tmp_path / "tuned"
@@ -511,7 +524,7 @@ def test_band_columns_are_the_euclid_ones():
 
 
 def test_grid_pool_keeps_mean_and_spread():
-    from fmb.models.aion.trainer import grid_pool
+    from fmb.models.aion.embedder import grid_pool
 
     small = torch.zeros(1, 1, 4, 4)
     small[..., 1:3, 1:3] = 4.0  # compact: 4 bright cells

@@ -206,3 +206,17 @@ def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
             "m__image__to__spectrum__retrieval.png"} <= written
     assert any(name.startswith("m__image__redshift__") and name.endswith("_scatter.png") for name in written)
     assert all((tmp_path / "ev" / "plots" / n).read_bytes().startswith(b"\x89PNG") for n in written)
+
+
+def test_a_models_own_prediction_column_is_scored_zero_shot(tmp_path):
+    x, z, _ = planted(n=60)
+    good = z + 0.01 * np.random.default_rng(1).standard_normal(len(z))
+    bad = np.full_like(z, z.mean())
+    good[:4] = np.nan  # no prediction for these objects
+    a = write_file(tmp_path / "a.parquet", np.arange(60), {"image": x}, redshift=z, aion_redshift=good)
+    base = write_file(tmp_path / "ra.parquet", np.arange(60), {"image": x}, redshift=z, aion_redshift=bad)
+    rows = evaluate([str(a)], ["redshift"], [str(base)], folds=3, fractions=(1.0,), k=8, probes=("knn",))
+    zero_shot = {r["metric"]: r for r in rows if r["probe"] == "zero-shot"}
+    assert set(zero_shot) == {"r2", "nmad", "outlier_frac"} and zero_shot["r2"]["embedding"] == "aion_redshift"
+    assert zero_shot["r2"]["value"] > 0.9 and abs(zero_shot["r2"]["baseline"]) < 0.1
+    assert zero_shot["r2"]["n"] == 56 and zero_shot["r2"]["excluded"] == 4 and zero_shot["r2"]["labels"] == 0.0

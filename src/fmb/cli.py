@@ -415,6 +415,9 @@ def doctor(paths: PathsOpt = None) -> None:
     for name, value in found.resolved().items():
         state = "not set" if value is None else ("ok" if Path(value).exists() else "MISSING")
         typer.echo(f"    {name:<18} {state:<8} {value or ''}")
+    from fmb.models.aion.pretrained import weights_report  # what the AION weight directories hold
+
+    typer.echo("\n".join(f"  {line}" for line in weights_report(found.resolved())))
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddings
 from fmb.errors import ConfigError, DataError
 from fmb.evaluation import anomaly
-from fmb.evaluation.probes import cross_validate, retrieval_topk
+from fmb.evaluation.probes import cross_validate, retrieval_topk, score
 
 log = logging.getLogger("fmb")
 
@@ -81,7 +81,31 @@ def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None =
                 rows += added
                 if plot_dir is not None:
                     _plot_target(plot_dir, model.name, column, target, x_all[keep], y, results, added, task_classify)
+            if not task_classify:
+                rows += _zero_shot_rows(model, base, target)
         rows += _retrieval_rows(model, base, plot_dir)
+    return rows
+
+
+def _zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, target: str) -> list[dict]:
+    """A model's own predictions of `target` (float columns `<name>_<target>`, e.g. `aion_redshift` from
+    `fmb embed aion`) scored against it directly: probe "zero-shot", no labels used."""
+    rows = []
+    y_all = model.targets[target].astype(np.float64)
+    for column, predicted in model.targets.items():
+        if not column.endswith(f"_{target}") or predicted.dtype.kind != "f":
+            continue
+        keep = np.isfinite(y_all) & np.isfinite(predicted)
+        if base is not None and column in base.targets:
+            keep &= np.isfinite(base.targets[column])
+        if keep.sum() < 2:
+            continue
+        base_metrics = (score(y_all[keep], base.targets[column][keep], False, target)
+                        if base is not None and column in base.targets else {})
+        for metric, value in score(y_all[keep], predicted[keep], False, target).items():
+            rows.append({"model": model.name, "embedding": column, "target": target, "probe": "zero-shot", "labels": 0.0,
+                         "metric": metric, "value": value, "baseline": base_metrics.get(metric),
+                         "n": int(keep.sum()), "excluded": int((~keep).sum())})
     return rows
 
 

@@ -1,13 +1,20 @@
-"""Euclid band cutouts (VIS, NISP Y, J, H) of the Euclid + DESI sample as 4 x 96 x 96 flux tensors.
+"""Euclid band cutouts (VIS, NISP Y, J, H) of the Euclid + DESI sample as 4 x 96 x 96 flux tensors, and
+(for `fmb embed`) the DESI spectra.
 
 Per band: the 2-D array is multiplied by ZP_nu / 3631 (fmb.data.surveys.euclid_desi.EUCLID_ZERO_POINTS),
 non-finite pixels become 0 and are masked out of the loss, and the cutout is brought to 96 x 96
 (`resize`: antialiased bilinear, any input size; `crop`: centre crop, inputs must be >= 96). A band
 that is missing or entirely non-finite is an error naming the file, row, column and object.
+
+Spectra: flux with NaN -> 0, inverse variance 1 / error^2 (0 where the error is not positive and finite),
+and a bad-pixel mask (non-finite flux or zero inverse variance) on the DESI grid. A row without a
+spectrum is embedded without one (`has_spectrum` False); a spectrum that is present but unusable (another
+wavelength grid, no errors, every pixel bad) too, reported as a data fault naming the file and row.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 import numpy as np
@@ -16,14 +23,20 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fmb.data.surveys.euclid_desi import (
+    DESI_PIXELS,
     EUCLID_BAND_COLUMNS,
     EUCLID_ZERO_POINTS,
     SplitRows,
+    desi_flux,
+    inverse_variance,
     scalar_values,
 )
 from fmb.errors import DataError
 
+log = logging.getLogger("fmb")
+
 COLUMNS = ["object_id", *EUCLID_BAND_COLUMNS]
+SPECTRUM_COLUMN = "spectrum"
 SIZE = 96
 Fit = Literal["resize", "crop"]
 
@@ -69,7 +82,9 @@ class EuclidBands(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
-        row = self.rows.row(i)
+        return self.item(self.rows.row(i), i)
+
+    def item(self, row: dict, i: int) -> dict:
         object_id = int(row["object_id"])
         images, masks = [], []
         for column, factor in zip(EUCLID_BAND_COLUMNS, self.factors, strict=True):
@@ -79,3 +94,46 @@ class EuclidBands(Dataset):
             masks.append(mask)
         return {"object_id": torch.tensor(object_id, dtype=torch.int64), "euclid": torch.stack(images),
                 "valid": torch.stack(masks), "targets": scalar_values(row, self.extra_columns)}
+
+
+def desi_spectrum(value: dict | None, resample: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A row's `spectrum` struct -> (flux with NaN -> 0, inverse variance, bad-pixel mask) on the DESI grid,
+    or None when the row has no spectrum. The grid is checked by `desi_flux`; a spectrum that is present
+    but unusable (off the grid, no error array, every pixel bad) raises DataError saying what is wrong."""
+    flux = desi_flux(value, resample=resample)
+    if flux is None:
+        return None
+    if value.get("error") is None:
+        raise DataError("the spectrum has no error array (so no inverse variance)")
+    error = np.asarray(value["error"], dtype=np.float64).reshape(-1)
+    if error.shape != flux.shape:
+        raise DataError(f"the spectrum has {flux.size} flux values but {error.size} errors")
+    ivar = inverse_variance(error).astype(np.float32)
+    bad = ~np.isfinite(flux) | (ivar <= 0)
+    if bad.all():
+        raise DataError("every spectrum pixel is NaN or has no valid error")
+    return np.where(bad, 0.0, flux).astype(np.float32), np.where(bad, 0.0, ivar).astype(np.float32), bad
+
+
+class EuclidBandsAndSpectrum(EuclidBands):
+    """EuclidBands plus the DESI spectrum (`spectrum_flux`, `spectrum_ivar`, `spectrum_bad`, `has_spectrum`);
+    rows without one get zeros and has_spectrum False; an unusable one is a data fault (`fault_spectrum`)."""
+
+    def __init__(self, rows: SplitRows, size: int = SIZE, fit: Fit = "resize", extra_columns: tuple[str, ...] = (),
+                 resample_spectra: bool = False) -> None:
+        super().__init__(rows, size, fit, extra_columns)
+        self.resample_spectra = resample_spectra
+        self.empty = (np.zeros(DESI_PIXELS, np.float32), np.zeros(DESI_PIXELS, np.float32), np.ones(DESI_PIXELS, bool))
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows.row(i)
+        item = self.item(row, i)
+        item["fault_spectrum"] = ""
+        try:
+            spectrum = desi_spectrum(row[SPECTRUM_COLUMN], self.resample_spectra)
+        except DataError as exc:
+            item["fault_spectrum"] = f"{exc} (object_id {item['object_id'].item()}, {self.rows.where(i)})"
+            spectrum = None
+        flux, ivar, bad = self.empty if spectrum is None else spectrum
+        return {**item, "spectrum_flux": torch.from_numpy(flux), "spectrum_ivar": torch.from_numpy(ivar),
+                "spectrum_bad": torch.from_numpy(bad), "has_spectrum": torch.tensor(spectrum is not None)}

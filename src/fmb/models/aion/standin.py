@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -96,25 +97,34 @@ def pretrain(cfg: CodecConfig, steps: int, seed: int, device: torch.device, bf16
 def ensure_standin(directory: Path, cfg: CodecConfig, steps: int, seed: int, device: torch.device, bf16: bool = False,
                    progress: bool = True) -> Path:
     """The stand-in codec under `directory`: pretrained and written there, or reused when a complete one
-    trained with the same steps, seed and shape is there already (a resumed run). Written to a sibling
-    first, so a crash never leaves a half-written codec behind."""
-    wanted = {"steps": steps, "seed": seed, "shape": dataclasses.asdict(cfg)}
-    complete = all((directory / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME, STANDIN_MARK))
-    if complete:
+    trained with the same steps, seed and shape is there already (a resumed run)."""
+
+    def write(staging: Path) -> dict:
+        log.warning(f"no published AION codec: pretraining a stand-in ({steps} steps on synthetic HSC cutouts) into "
+                    f"{directory}. Fine for demos and evaluation on synthetic data; use the real weights for science.")
+        codec, errors = pretrain(cfg, steps, seed, device, bf16, progress)
+        save_codec(codec.cpu(), staging)
+        return {**errors, "source": "synthetic HSC cutouts (fmb.data.synth.hsc)"}
+
+    return write_once(directory, {"steps": steps, "seed": seed, "shape": dataclasses.asdict(cfg)}, "stand-in codec", write)
+
+
+def write_once(directory: Path, wanted: dict, what: str, write: Callable[[Path], dict]) -> Path:
+    """`directory` if it holds a complete stand-in (config.json, model.safetensors, standin.json) made with
+    `wanted` (a resumed run; one made otherwise is an error); else `write(staging)` fills a sibling directory,
+    whose standin.json records `wanted` and what `write` returns, and it is renamed, so a crash never leaves
+    a half-written stand-in behind."""
+    if all((directory / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME, STANDIN_MARK)):
         found = json.loads((directory / STANDIN_MARK).read_text())
         if {key: found.get(key) for key in wanted} != wanted:
-            raise ConfigError(f"{directory} holds a stand-in codec trained with {found}, not {wanted}: delete it "
+            raise ConfigError(f"{directory} holds a {what} made with {found}, not {wanted}: delete it "
                               "or choose another --out")
-        log.info(f"stand-in codec: reusing {directory}")
+        log.info(f"{what}: reusing {directory}")
         return directory
-    log.warning(f"no published AION codec: pretraining a stand-in ({steps} steps on synthetic HSC cutouts) into "
-                f"{directory}. Fine for demos and evaluation on synthetic data; use the real weights for science.")
-    codec, errors = pretrain(cfg, steps, seed, device, bf16, progress)
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    save_codec(codec.cpu(), staging)
-    (staging / STANDIN_MARK).write_text(json.dumps({**wanted, **errors,
-                                                       "source": "synthetic HSC cutouts (fmb.data.synth.hsc)"}, indent=2))
+    record = write(staging)
+    (staging / STANDIN_MARK).write_text(json.dumps({**wanted, **record}, indent=2))
     shutil.rmtree(directory, ignore_errors=True)
     staging.rename(directory)
     return directory

@@ -5,6 +5,8 @@ Euclid (in flux, or in arcsinh space with model.loss_space=asinh), plus optional
 model.latent_weight x MSE between the codec latents of the adapted image and of its reconstruction.
 Codec fine-tune mode: model.codec.train = encoder | decoder | all (needs model.gradient=full).
 Without the published codec: model.codec.standin_steps pretrains a stand-in (fmb.models.aion.standin).
+`model.transformer` and `model.embed` are read by `fmb embed aion` (the AION transformer is not trained here);
+model.transformer.random_init writes a random stand-in transformer into the run for it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ from fmb.data.surveys.euclid_desi import (
     target_columns,
 )
 from fmb.errors import ConfigError
-from fmb.models.aion.data import COLUMNS, SIZE, EuclidBands, Fit
+from fmb.models.aion.data import (
+    COLUMNS,
+    SIZE,
+    SPECTRUM_COLUMN,
+    EuclidBands,
+    EuclidBandsAndSpectrum,
+    Fit,
+)
+from fmb.models.aion.embedder import AionEmbedder, embedding_transformer, takes_spectra
 from fmb.models.aion.model import HSC_BANDS, AionAdapters, AionImageCodec, CodecConfig, Norm
+from fmb.models.aion.pretrained import ensure_standin as ensure_transformer_standin
 from fmb.models.aion.samples import band_errors, sample_grid, write_grid
 from fmb.models.aion.standin import ensure_standin
+from fmb.models.aion.transformer import DEFAULT_ENCODER_TOKENS, PRESETS
 from fmb.models.aion.weights import build_codec, require_codec_source, save_codec
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput, parallel
 from fmb.train import checkpoint as ckpt
@@ -41,6 +53,7 @@ FAMILY = "aion"
 BAND_NAMES = tuple(c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS)
 ADAPTERS_FILE = "adapters.safetensors"
 STANDIN_DIR = "standin_codec"
+STANDIN_TRANSFORMER_DIR = "standin_transformer"
 
 
 @dataclass
@@ -56,8 +69,25 @@ class AionCodecSettings:
 
 
 @dataclass
+class AionTransformerSettings:
+    path: str | None = None  # AION model directory (fmb.models.aion.pretrained); unset: paths_local.yaml aion_model
+    size: str | None = "base"  # preset it must have: base | large | xlarge (demo: stand-ins); null: any size
+    random_init: bool = False  # write a RANDOM stand-in of `size` to <run>/standin_transformer (demos, tests)
+
+
+@dataclass
+class AionEmbedSettings:
+    transformer: bool = True  # embedding_image / _spectrum / _joint from the AION transformer (needs its weights)
+    num_encoder_tokens: int = DEFAULT_ENCODER_TOKENS  # encoder token budget (AION.encode's; the FMB study used 600)
+    redshift: bool = True  # zero-shot `aion_redshift` from the decoder, when the transformer predicts tok_z
+    codec_latents: bool = False  # also the pooled image-codec latents: embedding_image_codec, _image_codec_encoder
+
+
+@dataclass
 class AionModelConfig:
     codec: AionCodecSettings = field(default_factory=AionCodecSettings)
+    transformer: AionTransformerSettings = field(default_factory=AionTransformerSettings)
+    embed: AionEmbedSettings = field(default_factory=AionEmbedSettings)
     depth: int = 2  # U-Net max-pool steps
     hidden: int = 16  # U-Net widths hidden, 2 x hidden, ... (16/32/64)
     norm: Norm = "batch"
@@ -99,6 +129,14 @@ def check_config(model: AionModelConfig) -> None:
     if model.codec.standin_steps and (model.codec.path or not model.codec.random_init or model.init_from):
         raise ConfigError("model.codec.standin_steps pretrains a stand-in for a missing codec: it needs "
                           "model.codec.random_init=true and no model.codec.path or model.init_from")
+    transformer = model.transformer
+    if transformer.size is not None and transformer.size not in PRESETS:
+        raise ConfigError(f"model.transformer.size={transformer.size} is not one of {', '.join(PRESETS)} (or null)")
+    if transformer.random_init and (transformer.path or transformer.size is None):
+        raise ConfigError("model.transformer.random_init=true writes a stand-in of model.transformer.size: it needs "
+                          "a size and no model.transformer.path")
+    if model.embed.num_encoder_tokens < 1:
+        raise ConfigError(f"model.embed.num_encoder_tokens must be >= 1, got {model.embed.num_encoder_tokens}")
     if model.depth < 0 or model.hidden < 1:
         raise ConfigError(f"model.depth must be >= 0 and model.hidden >= 1, got {model.depth} and {model.hidden}")
 
@@ -108,13 +146,6 @@ def build_adapters(cfg: AionModelConfig, codec: AionImageCodec) -> AionAdapters:
     return AionAdapters(codec, n_euclid=len(BAND_NAMES), depth=cfg.depth, hidden=cfg.hidden, norm=cfg.norm,
                         euclid_softening=cfg.euclid_softening, gradient=cfg.gradient,
                         clamp_decoded=cfg.codec.clamp_decoded, latent_consistency=cfg.latent_weight > 0)
-
-
-def grid_pool(features: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2C) float32: per-channel mean, then standard deviation, over the grid. The
-    mean keeps colour and flux, the spread how the object fills the grid (size, concentration)."""
-    features = features.float()
-    return torch.cat([features.mean(dim=(-1, -2)), features.std(dim=(-1, -2))], dim=1)
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -145,6 +176,13 @@ class AionTrainer(BaseTrainer):
             # From here on it is a codec on disk like the published one: config.yaml records its path (and no
             # steps), so the saved config re-runs as is; <dir>/standin.json keeps how it was made.
             codec.path, codec.standin_steps = str(directory.resolve()), 0
+        transformer = self.config.model.transformer
+        if transformer.random_init:
+            directory = self.run_dir / STANDIN_TRANSFORMER_DIR
+            with self.main_process_first() as is_main:
+                if is_main:
+                    ensure_transformer_standin(directory, transformer.size, self.cfg.seed)
+            transformer.path, transformer.random_init = str(directory.resolve()), False  # as for the stand-in codec
         if data.path is None:
             raise ConfigError("data.path is not set: point it at the Euclid+DESI data (paths_local.yaml: "
                               "euclid_desi), or add --demo to train on built-in synthetic data")
@@ -194,18 +232,29 @@ class AionTrainer(BaseTrainer):
         self.val_set = self.datasets_for("validation")
         return self.datasets_for("train"), self.val_set
 
+    def prepare_embedding(self, directory: Path, work: Path) -> None:
+        """The AION transformer and codecs to embed with (fmb.models.aion.embedder), checked against the
+        run's image codec; the embedder itself is built around the loaded adapters at the first batch."""
+        self.aion = embedding_transformer(self.config.model, AionImageCodec(self.config.model.codec.shape))
+        self.embedder: AionEmbedder | None = None
+
     def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, EuclidBands]]:
-        targets = tuple(target_columns(data or self.config.data.path, COLUMNS))
-        splits = embedding_splits(data, split, COLUMNS + list(targets), self.config.data, self.cfg.seed)
-        return [(name, EuclidBands(rows, SIZE, self.config.data.fit, targets)) for name, rows in splits]
+        spectra = takes_spectra(self.aion)
+        columns = COLUMNS + [SPECTRUM_COLUMN] if spectra else COLUMNS
+        targets = tuple(target_columns(data or self.config.data.path, columns))
+        splits = embedding_splits(data, split, columns + list(targets), self.config.data, self.cfg.seed)
+        dataset = EuclidBandsAndSpectrum if spectra else EuclidBands
+        return [(name, dataset(rows, SIZE, self.config.data.fit, targets)) for name, rows in splits]
 
     def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
-        """`image`: the codec's pre-quantisation latents of the adapted (HSC-like) image, pooled over
-        the 24 x 24 grid by mean and spread; `image_encoder`: the encoder features before the 1x1
-        projection, pooled likewise."""
-        hsc = model.to_hsc(batch["euclid"])
-        encoded = model.codec.encode_features(hsc, HSC_BANDS)
-        return EmbedBatch({"image": grid_pool(model.codec.pre_quant_proj(encoded)), "image_encoder": grid_pool(encoded)})
+        """`image`, `spectrum`, `joint` from the AION transformer and the zero-shot `aion_redshift`; with
+        model.embed.codec_latents also the pooled codec latents (fmb.models.aion.embedder)."""
+        if self.embedder is None:
+            aion = self.aion.to(self.device) if self.aion is not None else None
+            self.embedder = AionEmbedder(model, aion, self.config.model.embed, self.device)
+        vectors, present = self.embedder(batch)
+        predictions = {name: value.float().cpu().numpy() for name, value in self.embedder.predictions.items()}
+        return EmbedBatch(vectors, present, predictions)
 
     def random_init_state(self, fresh: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Untrained adapters around the same (pretrained) codec: what the adapters learned, alone."""

@@ -45,12 +45,18 @@ def _snapshots(cache_model_dir: Path) -> list[Path]:
     return ordered
 
 
-def candidate_dirs(root: Path) -> list[Path]:
-    """Directories that may hold config.json + model.safetensors, in the order they are tried."""
-    out = [root, root / HUB_SUBDIR]
+def hub_roots(root: Path) -> list[Path]:
+    """`root` and the snapshots of polymathic-ai/aion-base when `root` is (or holds) an offline HuggingFace cache."""
+    out = [root]
     for model_dir in (root, root / HUB_CACHE_NAME, root / "hub" / HUB_CACHE_NAME):
-        out += [snapshot / HUB_SUBDIR for snapshot in _snapshots(model_dir)]
+        out += _snapshots(model_dir)
     return out
+
+
+def candidate_dirs(root: Path) -> list[Path]:
+    """Directories that may hold config.json + model.safetensors, in the order they are tried: the hub layout
+    first, since its root holds the transformer's config.json + model.safetensors."""
+    return [hub / HUB_SUBDIR for hub in hub_roots(root)] + [root]
 
 
 def find_codec_dir(path: str | Path) -> Path:
@@ -70,13 +76,19 @@ def find_codec_dir(path: str | Path) -> Path:
     )
 
 
-def read_codec_config(file: Path) -> CodecConfig:
+def read_json_object(file: Path, what: str) -> dict:
+    """The JSON object in `file` (a config.json of AION weights), or a CheckpointError saying what is wrong."""
     try:
         raw = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read the codec config {file}: {exc}") from None
+        raise CheckpointError(f"cannot read the {what} config {file}: {exc}") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: expected a JSON object of codec settings")
+        raise CheckpointError(f"{file}: expected a JSON object of {what} settings")
+    return raw
+
+
+def read_codec_config(file: Path) -> CodecConfig:
+    raw = read_json_object(file, "image-codec")
     known = {f.name: f for f in dataclasses.fields(CodecConfig)}
     unknown = sorted(set(raw) - set(known))
     if unknown:
