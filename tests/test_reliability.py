@@ -267,3 +267,18 @@ def test_distributed_embed_equals_one_process_and_resumes(tmp_path):
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and "4 of 5 chunks already embedded" in result.stderr, result.stderr
     assert pq.read_table(tmp_path / "again.parquet").equals(a)
+
+
+def test_embedding_stops_when_a_modality_is_unusable_for_too_many_objects(tmp_path):
+    from fmb.models import get_family, register_family
+    from fmb.train.embed import EmbedOptions, run_embed
+    from tests import toy
+
+    register_family(toy.FAMILY)
+    ToyTrainer(toy_config(tmp_path / "run", max_steps=2)).fit()
+    with pytest.raises(DataError, match=r"embedding.*x is unusable for .*toy row 0"):
+        run_embed(get_family("toy"), tmp_path / "run", tmp_path / "e.parquet",
+                  EmbedOptions(device="cpu", sets=["data.fault_every=2"]))
+    result = run_embed(get_family("toy"), tmp_path / "run", tmp_path / "e.parquet",
+                       EmbedOptions(device="cpu", sets=["data.fault_every=2", "train.max_unusable_fraction=1"]))
+    assert result.faults == {"x": 40} and "unusable (embedded without it): x for 40" in result.summary()

@@ -30,6 +30,7 @@ class ToyDataConfig:
     nan_from_step: int | None = None  # make the loss NaN from this optimizer step on
     kill_at_step: int | None = None  # send SIGTERM to this process during this step
     noise: float = 0.01
+    fault_every: int | None = None  # mark every k-th object's "x" as present but unusable (a data fault)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class ToyConfig(BaseTrainingConfig):
 
 
 class ToyDataset(Dataset):
-    def __init__(self, n: int, seed: int, noise: float) -> None:
+    def __init__(self, n: int, seed: int, noise: float, fault_every: int | None = None) -> None:
+        self.fault_every = fault_every
         gen = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 8, generator=gen)
         weight = torch.arange(1, 9, dtype=torch.float32) / 8
@@ -50,7 +52,10 @@ class ToyDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x": self.x[i], "y": self.y[i], "object_id": self.ids[i], "targets": {"y": self.y[i]}}
+        item = {"x": self.x[i], "y": self.y[i], "object_id": self.ids[i], "targets": {"y": self.y[i]}}
+        if self.fault_every:
+            item["fault_x"] = f"x is broken (toy row {i})" if i % self.fault_every == 0 else ""
+        return item
 
 
 class ToyModel(nn.Module):
@@ -73,7 +78,7 @@ class ToyTrainer(BaseTrainer):
 
     def build_datasets(self):
         data = self.config.data
-        return ToyDataset(data.n_train, 1, data.noise), ToyDataset(data.n_val, 2, data.noise)
+        return ToyDataset(data.n_train, 1, data.noise, data.fault_every), ToyDataset(data.n_val, 2, data.noise, data.fault_every)
 
     def embedding_datasets(self, data, split):
         train, val = self.build_datasets()

@@ -13,6 +13,7 @@ several files to the objects they share.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -79,10 +80,13 @@ class EmbeddingParts:
             return set()
         return {int(p.stem.split("-")[1]) for p in self.directory.glob("part-*.parquet")}
 
-    def write_chunk(self, chunk: int, tables: list[pa.Table]) -> Path:
+    def write_chunk(self, chunk: int, tables: list[pa.Table], faults: dict[str, Any] | None = None) -> Path:
         """One chunk's rows, written under a temporary name and renamed: a part is whole or absent.
-        Its columns must fit the parts already written (same checkpoint, same widths)."""
+        Its columns must fit the parts already written (same checkpoint, same widths). `faults` (the
+        chunk's data-fault record) is kept in the part's metadata, so a resumed export counts them all."""
         table = pa.concat_tables(tables, promote_options="permissive")
+        if faults:
+            table = table.replace_schema_metadata({b"fmb_faults": json.dumps(faults).encode()})
         written = sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
         if written:
             _check_fits(written[0], pq.read_schema(written[0]), table.schema, self.directory)
@@ -92,6 +96,15 @@ class EmbeddingParts:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         return path
+
+    def fault_records(self) -> list[dict[str, Any]]:
+        """The data-fault records of every part written so far."""
+        records = []
+        for part in sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []:
+            meta = pq.read_schema(part).metadata or {}
+            if b"fmb_faults" in meta:
+                records.append(json.loads(meta[b"fmb_faults"]))
+        return records
 
     def finish(self, chunks: int, out: Path | None = None) -> Path:
         """Join parts 0..chunks-1, in order and one at a time (memory stays flat), into `out`."""
@@ -103,6 +116,7 @@ class EmbeddingParts:
         schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
+        schema = schema.remove_metadata()
         with pq.ParquetWriter(tmp, schema) as writer:
             for file in files:
                 writer.write_table(pq.read_table(file).cast(schema))

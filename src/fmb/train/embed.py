@@ -4,7 +4,8 @@ The runner finds the checkpoint (a run directory or a step directory; another fa
 named as such), reads its config with `--set` on top, builds the family's trainer and the environment
 (device, processes, precision: `fmb.train.environment`), builds the architecture and loads the weights
 (or keeps fresh ones for `--random-init`), and feeds the family's rows through `embed_batch` under
-`no_grad` and autocast, with DataLoader workers and a progress bar. A family supplies only its rows
+`no_grad` and autocast, with DataLoader workers and a progress bar. Data faults (a modality present but
+unusable) are counted, reported, and stop the export above `train.max_unusable_fraction`. A family supplies only its rows
 (`embedding_datasets`) and "batch -> {modality: vectors}, present masks" (`embed_batch`).
 
 Rows are cut into fixed chunks (`--chunk-rows`, 2048 by default); under torchrun / srun chunk c is embedded by rank
@@ -177,7 +178,7 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
     loader = make_loader(dataset, None, None, workers, trainer.collate_fn(), env.device.type == "cuda",
                          drop_last=False, seed=trainer.cfg.seed, batch_sampler=sampler)
     start = time.perf_counter()
-    faults = FaultCounter()
+    faults, chunk_faults = FaultCounter(), FaultCounter()
     tables = []
     bar = tqdm(total=sum(len(rows) for _, rows, _ in sampler.plan), desc=f"embed {trainer.family}", unit="obj",
                disable=not (dist.is_main and sys.stderr.isatty()))
@@ -186,7 +187,9 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
             if stop.requested:
                 raise EmbeddingStopped(f"stopped by {stop.signal_name}: {len(parts.done_chunks())} of {n_chunks} "
                                        f"chunks are in {parts.directory}; run the same command to continue")
-            batch = faults.take(batch)
+            batch = chunk_faults.take(batch)
+            FaultCounter.combined([faults.as_record(), chunk_faults.as_record()]).check(
+                trainer.cfg.max_unusable_fraction, f"embedding (rank {dist.rank})", final=False)
             ids = batch.get("object_id") if isinstance(batch, dict) else None
             targets = batch.get("targets", {}) if isinstance(batch, dict) else {}
             with env.autocast():
@@ -197,16 +200,19 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
                                           result.vectors, result.present))
             bar.update(len(rows))
             if last:
-                parts.write_chunk(chunk, tables)
-                tables = []
+                parts.write_chunk(chunk, tables, chunk_faults.as_record())
+                faults, chunk_faults, tables = FaultCounter.combined([faults.as_record(), chunk_faults.as_record()]), FaultCounter(), []
     bar.close()
     seconds = time.perf_counter() - start
-    merged = faults.merged(dist)
     barrier(dist)
+    total_faults = FaultCounter.combined(parts.fault_records())  # every part, this run's and earlier ones'
+    if dist.is_main:
+        total_faults.report("embedding")
+    total_faults.check(trainer.cfg.max_unusable_fraction, "embedding", final=True)
     if dist.is_main:
         parts.finish(n_chunks)
     counts = dict(zip(split_names, (len(ds) for _, ds in parts_of_splits), strict=True))
-    return EmbedResult(out=parts.out, rows=total, splits=counts, seconds=seconds, faults=merged.counts)
+    return EmbedResult(out=parts.out, rows=len(dataset), splits=counts, seconds=seconds, faults=total_faults.counts)
 
 
 def _host(targets: dict[str, Any]) -> dict[str, Any]:

@@ -54,19 +54,26 @@ class FaultCounter:
         self.samples += size or 0
         return batch
 
+    def as_record(self) -> dict[str, Any]:
+        return {"samples": self.samples, "counts": self.counts, "examples": self.examples}
+
+    @classmethod
+    def combined(cls, records: list[dict[str, Any]]) -> FaultCounter:
+        """One counter from several `as_record` records (ranks, or the parts of an embedding export)."""
+        total = cls()
+        for record in records:
+            total.samples += record["samples"]
+            for name, count in record["counts"].items():
+                total.counts[name] = total.counts.get(name, 0) + count
+                kept = total.examples.setdefault(name, [])
+                kept.extend(record["examples"].get(name, [])[: EXAMPLES - len(kept)])
+        return total
+
     def merged(self, dist: DistInfo) -> FaultCounter:
         """The counts of every rank together (a small CPU collective under DDP)."""
         if not dist.enabled:
             return self
-        total = FaultCounter()
-        for part in gather_objects((self.samples, self.counts, self.examples), dist):
-            samples, counts, examples = part
-            total.samples += samples
-            for name, count in counts.items():
-                total.counts[name] = total.counts.get(name, 0) + count
-                kept = total.examples.setdefault(name, [])
-                kept.extend(examples.get(name, [])[: EXAMPLES - len(kept)])
-        return total
+        return FaultCounter.combined(gather_objects(self.as_record(), dist))
 
     def record(self) -> dict[str, int]:
         """metrics.jsonl fields: data/unusable_<modality> and data/samples."""
