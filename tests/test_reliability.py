@@ -149,12 +149,14 @@ def test_checkpoint_bytes_are_reproducible_and_follow_the_umask(tmp_path):
     script = """
 import os, sys, torch
 from fmb.train import checkpoint as ckpt
-os.umask(int(sys.argv[2], 8))
 state = {f"layer{i}.weight": torch.full((3, 2), float(i)) for i in range(6)}
-ckpt.write_checkpoint(sys.argv[1], "toy", {"train": {"seed": 0}}, state, 7, {"progress": {"step": 7}}, metrics={"a": 1})
+for directory, umask in zip(sys.argv[1::2], sys.argv[2::2]):
+    os.umask(int(umask, 8))
+    ckpt.write_checkpoint(directory, "toy", {"train": {"seed": 0}}, state, 7, {"progress": {"step": 7}}, metrics={"a": 1})
 """
-    for name, umask in (("a", "022"), ("b", "022"), ("c", "002")):
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), umask], check=True, env=rank_env(None, 1, 0))
+    env = rank_env(None, 1, 0)  # two processes: safetensors used to order its metadata per process
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "a"), "022", str(tmp_path / "c"), "002"], check=True, env=env)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "b"), "022"], check=True, env=env)
     for file in ("model.safetensors", "trainer_state.pt", "config.yaml", "meta.json"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
         assert (tmp_path / "a" / file).stat().st_mode & 0o777 == 0o644, file
@@ -167,19 +169,26 @@ ckpt.write_checkpoint(sys.argv[1], "toy", {"train": {"seed": 0}}, state, 7, {"pr
 def test_validation_is_the_same_for_one_and_two_processes(tmp_path):
     """21 validation objects in batches of 8 (8, 8, 5): the batch spread depends on who shares a batch."""
     run = tmp_path / "run"
-    subprocess.run(worker(str(run), "4", "1", "3", "--n-val", "21"), env=rank_env(None, 1, 0), cwd=ROOT, check=True,
-                   capture_output=True)
-    figures = []
-    for world in (1, 2):
-        port = free_port()
-        procs = [subprocess.Popen(worker(str(run), "8", "1", "3", "--n-val", "21", "--validate-only"),
-                                  env=rank_env(rank if world > 1 else None, world, port), cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-        outputs = [p.communicate(timeout=120)[0] for p in procs]
-        assert all(p.returncode == 0 for p in procs), outputs
-        figures.append(json.loads(outputs[0].split("VALIDATION ", 1)[1].splitlines()[0]))
-    assert figures[0] == figures[1]  # to the last bit
-    assert set(figures[0]) == {"val/loss", "val/mae", "val/spread"}
+    cfg = toy_config(run, batch_size=4, max_steps=3)
+    cfg.data.n_val = 21
+    ToyTrainer(cfg).fit()
+    cfg = toy_config(run, batch_size=8, max_steps=3)
+    cfg.data.n_val = 21
+    one = ToyTrainer(cfg)
+    one.setup(resume=True)
+    try:
+        single = one.validate()
+    finally:
+        one.close()
+    port = free_port()
+    procs = [subprocess.Popen(worker(str(run), "8", "1", "3", "--n-val", "21", "--validate-only"),
+                              env=rank_env(rank, 2, port), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    double = json.loads(outputs[0].split("VALIDATION ", 1)[1].splitlines()[0])
+    assert single == double  # to the last bit
+    assert set(single) == {"val/loss", "val/mae", "val/spread"}
 
 
 def test_status_and_summary_name_where_the_results_are(tmp_path):
@@ -235,25 +244,24 @@ def test_configuration_errors_exit_2_before_any_work(monkeypatch, capsys, tmp_pa
 # ----------------------------------------------------------------------------- distributed embedding
 
 
-def test_distributed_embed_equals_one_process_and_resumes(tmp_path):
+def test_distributed_embed_equals_one_process_and_resumes(tmp_path, monkeypatch, capsys):
     """torchrun with 2 ranks shares the chunks out; the result is the single-process file, and a run
     that lost a chunk recomputes only that one."""
     import pyarrow.parquet as pq
 
     run = tmp_path / "run"
-    tiny = ["--demo", "--out", str(run), "--max-steps", "2", "--no-progress", "--set", "data.synthetic=40",
-            "--set", "data.image_size=16", "--set", "model.n_layer=1", "--set", "model.n_embd=32",
-            "--set", "model.n_head=2", "--set", "train.num_workers=0", "--set", "train.eval_at_start=false"]
-    env = rank_env(None, 1, 0)
-    subprocess.run([sys.executable, "-m", "fmb", "retrain", "astropt", *tiny], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "2",
+                           "--no-progress", "--set", "data.synthetic=40", "--set", "data.image_size=16",
+                           "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+                           "--set", "train.num_workers=0", "--set", "train.eval_at_start=false")
+    assert code == 0, err
     embed = ["embed", "astropt", "--checkpoint", str(run), "--device", "cpu", "--batch-size", "4", "--chunk-rows", "8"]
     single, double = tmp_path / "single.parquet", tmp_path / "double.parquet"
-    subprocess.run([sys.executable, "-m", "fmb", *embed, "--out", str(single)], env=env, cwd=ROOT, check=True,
-                   capture_output=True)
+    code, _, err = run_cli(monkeypatch, capsys, *embed, "--out", str(single))
+    assert code == 0, err
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                 "-m", "fmb", *embed, "--out", str(double)]
-    result = subprocess.run(torchrun, env=env, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(torchrun, env=rank_env(None, 1, 0), cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     a, b = pq.read_table(single), pq.read_table(double)
     assert a.num_rows == 40 and a.equals(b)  # same rows, same order, same values
@@ -263,9 +271,8 @@ def test_distributed_embed_equals_one_process_and_resumes(tmp_path):
     parts.mkdir()
     for chunk in (0, 1, 3, 4):
         pq.write_table(a.slice(chunk * 8, 8), parts / f"part-{chunk:06d}.parquet")
-    result = subprocess.run([sys.executable, "-m", "fmb", *embed, "--out", str(tmp_path / "again.parquet")], env=env,
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0 and "4 of 5 chunks already embedded" in result.stderr, result.stderr
+    code, _, err = run_cli(monkeypatch, capsys, *embed, "--out", str(tmp_path / "again.parquet"))
+    assert code == 0 and "4 of 5 chunks already embedded" in err, err
     assert pq.read_table(tmp_path / "again.parquet").equals(a)
 
 
