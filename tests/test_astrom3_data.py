@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fmb.data.missing import ColumnStatistics
 from fmb.data.surveys.astrom3 import CLASSES, METADATA_NAMES
 from fmb.errors import DataError
 from fmb.models import write_synthetic
@@ -17,7 +18,6 @@ from fmb.models.astrom3.data import (
     BadRow,
     clean_light_curve,
     crop_light_curve,
-    metadata_statistics,
     prepare_metadata,
     preprocess_spectrum,
 )
@@ -40,8 +40,10 @@ def write_rows(path, rows: list[dict]) -> None:
     table = pa.table({
         "object_id": pa.array([r.get("object_id", 7 + i) for i, r in enumerate(rows)], pa.int64()),
         "photometry": pa.array([None if r["photometry"] is None else np.asarray(r["photometry"]).tolist() for r in rows], nested),
-        "spectra": pa.array([np.asarray(r.get("spectra", good_spectrum())).tolist() for r in rows], nested),
-        "metadata": pa.array([np.asarray(r.get("metadata", good_metadata())).tolist() for r in rows], pa.list_(pa.float32())),
+        "spectra": pa.array([None if r.get("spectra", 0) is None else np.asarray(r.get("spectra", good_spectrum())).tolist()
+                             for r in rows], nested),
+        "metadata": pa.array([None if r.get("metadata", 0) is None else np.asarray(r.get("metadata", good_metadata())).tolist()
+                              for r in rows], pa.list_(pa.float32())),
         "label": pa.array([r.get("label", "EW") for r in rows], pa.string()),
     })
     pq.write_table(table, path)
@@ -133,50 +135,91 @@ def test_spectrum_nan_points_dropped_and_outside_grid_rejected():
         preprocess_spectrum(outside)
 
 
-def test_metadata_log_period_and_bad_values():
+def test_metadata_log_period_missing_values_and_sentinels():
     meta = prepare_metadata(good_metadata(period=100.0))
     assert meta[METADATA_NAMES.index("period")] == pytest.approx(2.0)
     assert meta[0] == 1.0
-    bad = good_metadata()
-    bad[METADATA_NAMES.index("parallax")] = np.nan
-    with pytest.raises(BadRow, match="parallax"):
-        prepare_metadata(bad)
+    raw = good_metadata(period=-1.0)
+    raw[METADATA_NAMES.index("parallax")] = np.nan
+    raw[METADATA_NAMES.index("j_mag")] = -99.99
+    meta = prepare_metadata(raw.astype(np.float32), sentinels=[-99.99])
+    missing = {METADATA_NAMES[i] for i in np.flatnonzero(np.isnan(meta))}
+    assert missing == {"parallax", "j_mag", "period"}  # a non-positive period has no log: missing
+    assert np.isfinite(prepare_metadata(raw)[METADATA_NAMES.index("j_mag")])  # no sentinel configured: a value
     with pytest.raises(BadRow, match="expected 38"):
         prepare_metadata(np.ones(34))
-    mean, std = metadata_statistics(np.array([[1.0] * 38, [3.0] * 38, [np.nan] * 38], dtype=np.float32))
-    np.testing.assert_allclose(mean, 2.0)
-    np.testing.assert_allclose(std, 1.0)
+
+
+def test_column_statistics_over_finite_values_and_dropped_columns(caplog):
+    matrix = np.array([[1.0, np.nan, 5.0], [3.0, np.nan, np.nan], [np.nan, np.nan, 7.0]], dtype=np.float32)
+    with caplog.at_level("WARNING", logger="fmb"):
+        stats = ColumnStatistics.of(matrix, ["a", "b", "c"], "training metadata")
+    np.testing.assert_allclose(stats.mean, [2.0, 0.0, 6.0])
+    np.testing.assert_allclose(stats.std, [1.0, 1e-6, 1.0], rtol=1e-5)
+    assert stats.used.tolist() == [True, False, True]
+    assert "training metadata: no finite value in 1 column(s) (b)" in caplog.text
 
 
 # ----------------------------------------------------------------------------- dataset
 
 
-def test_dataset_reads_schema_and_names_bad_objects(tmp_path):
+def test_dataset_reads_schema_and_names_bad_objects(tmp_path, caplog):
     good = {"photometry": np.array([[1.0, 2.0, 0.1], [2.0, 4.0, 0.1], [3.0, 3.0, 0.1]])}
     rows = [good, {**good, "label": "XYZ", "object_id": 42}, {"photometry": np.array([[1.0, 2.0, 0.1]]), "object_id": 43},
-            {"photometry": None, "object_id": 44}]
+            {"photometry": None, "spectra": None, "object_id": 44}]
     path = tmp_path / "train.parquet"
     write_rows(path, rows)
-    ds = AstroM3Dataset(path, None, CLASSES, seq_len=8, train=True)
+    with caplog.at_level("WARNING", logger="fmb"):
+        ds = AstroM3Dataset(path, None, CLASSES, seq_len=8, train=True, labels_needed=True)
+    assert "1 of 4 objects have a label outside data.classes (XYZ 1)" in caplog.text
     sample = ds[0]
     assert sample["photometry"].shape == (8, 5) and sample["photometry_mask"].sum() == 3
-    assert sample["label"].item() == CLASSES.index("EW") and sample["valid"]
-    with pytest.raises(DataError, match=r"row 1, object 42: label: unknown class 'XYZ'"):
-        ds[1]
+    assert sample["label"].item() == CLASSES.index("EW") and sample["valid"] and sample["present"].all()
+    assert ds[1]["label"].item() == -1 and ds[1]["present"].all()  # counted above, not an error
     with pytest.raises(DataError, match=r"object 43: photometry: 1 usable point"):
         ds[2]
-    with pytest.raises(DataError, match=r"object 44: photometry: missing"):
-        ds[3]
+    absent = ds[3]  # null photometry and spectra: absent, not an error
+    assert absent["present"].tolist() == [False, False, True] and not absent["masked"]
+    assert absent["photometry_mask"].sum() == 1  # one zero step keeps attention finite
     masked = AstroM3Dataset(path, None, CLASSES, seq_len=8, train=True, bad_rows="mask")
-    assert [bool(masked[i]["valid"]) for i in range(4)] == [True, False, False, False]
-    assert masked[1]["photometry_mask"].any()  # keeps attention finite for the placeholder
+    assert masked[2]["present"].tolist() == [False, True, True] and masked[2]["masked"]
+    assert [bool(masked[i]["masked"]) for i in range(4)] == [False, False, True, False]
+
+
+def test_modes_read_only_their_columns_and_need_their_modality(tmp_path):
+    lc = np.array([[1.0, 2.0, 0.1], [2.0, 4.0, 0.1], [3.0, 3.0, 0.1]])
+    path = tmp_path / "train.parquet"
+    write_rows(path, [{"photometry": lc, "spectra": None, "metadata": None}, {"photometry": lc, "spectra": None}])
+    photo = AstroM3Dataset(path, None, CLASSES, seq_len=8, train=False, modalities=("photometry",),
+                           required=("photometry",))
+    item = photo[0]
+    assert "spectra" not in item and item["present"].tolist() == [True, False, False]
+    assert np.isnan(item["metadata"].numpy()).all()  # no metadata: the photometric features are missing
+    with pytest.raises(DataError, match=r"no object has a 'spectra' value, and model.mode needs spectra"):
+        AstroM3Dataset(path, None, CLASSES, seq_len=8, train=False, modalities=("spectra",), required=("spectra",))
+    pq.write_table(pq.read_table(path).drop(["spectra", "metadata"]), tmp_path / "lc_only.parquet")
+    only = AstroM3Dataset(tmp_path / "lc_only.parquet", None, CLASSES, seq_len=8, train=False, modalities=("photometry",))
+    assert only[1]["present"].tolist() == [True, False, False]
+
+
+def test_phased_light_curve_folds_by_period():
+    t = np.linspace(0.0, 10.0, 41)
+    lc = np.stack([t, np.sin(2 * np.pi * t / 2.5) + 2.0, np.full_like(t, 0.1)], axis=1)
+    folded = clean_light_curve(lc, period=2.5)
+    phase = folded[:, 0]
+    assert (np.diff(phase) >= 0).all() and phase.min() >= 0 and phase.max() < 1
+    # Points at the same phase have the same flux once folded.
+    same = np.isclose(phase[:, None], phase[None, :], atol=1e-9)
+    assert np.allclose(np.where(same, folded[:, 1][:, None] - folded[:, 1][None, :], 0.0), 0.0, atol=1e-5)
+    unfolded = clean_light_curve(lc, period=float("nan"))  # unknown period: time order
+    np.testing.assert_allclose(unfolded[:, 0], t / 10.0, rtol=1e-6)
 
 
 def test_missing_column_is_named(tmp_path):
     path = tmp_path / "x.parquet"
     pq.write_table(pa.table({"photometry": pa.array([[[1.0, 2.0, 3.0]]]), "label": ["EW"]}), path)
     with pytest.raises(DataError, match="missing column.*spectra"):
-        AstroM3Dataset(path, None, CLASSES, seq_len=8, train=False)
+        AstroM3Dataset(path, None, CLASSES, seq_len=8, train=False)  # every modality of clip / all
 
 
 def test_synthetic_generator_schema_and_imbalance(tmp_path):
@@ -192,7 +235,7 @@ def test_synthetic_generator_schema_and_imbalance(tmp_path):
     ds = AstroM3Dataset(out, "train", CLASSES, seq_len=200, train=True)
     for i in range(0, 240, 40):
         sample = ds[i]
-        assert sample["valid"] and all(np.isfinite(sample[k].numpy()).all() for k in ("photometry", "spectra", "metadata"))
+        assert sample["present"].all() and all(np.isfinite(sample[k].numpy()).all() for k in ("photometry", "spectra", "metadata"))
     # Random crops are reproducible per (seed, epoch, index) and change with the epoch.
     long = max(range(240), key=lambda i: len(table.column("photometry")[i]))
     ds.set_epoch(0)

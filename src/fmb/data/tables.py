@@ -180,6 +180,32 @@ class TableSource:
             parts.append(table.column(name).to_numpy(zero_copy_only=False))
         return np.concatenate(parts) if parts else np.array([])
 
+    def has_values(self, name: str) -> bool:
+        """Whether any row holds a non-null value of column `name`, without reading the rows where
+        possible: parquet answers from its column-chunk statistics (a leaf value count above the
+        null count; an empty list counts as no value), Arrow files from the memory-mapped column;
+        parquet without statistics by decoding one row group at a time."""
+        for file in self.files:
+            if file.suffix != ".parquet":
+                column = _read_arrow(file).column(name)
+                if len(column) > column.null_count:
+                    return True
+                continue
+            parquet = pq.ParquetFile(file, memory_map=True)
+            meta = parquet.metadata
+            leaves = [j for j in range(meta.num_columns) if meta.schema.column(j).path.split(".")[0] == name]
+            for group in range(meta.num_row_groups):
+                for j in leaves:
+                    chunk = meta.row_group(group).column(j)
+                    stats = chunk.statistics
+                    if stats is None or not stats.has_null_count:
+                        table = parquet.read_row_group(group, columns=[name])
+                        if table.column(name).null_count < table.num_rows:
+                            return True
+                    elif chunk.num_values > stats.null_count:
+                        return True
+        return False
+
 
 def _inspect(file: Path) -> tuple[pa.Schema, list[int]]:
     try:

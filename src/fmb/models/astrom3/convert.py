@@ -7,7 +7,7 @@ against fmb's), and every fmb key must be filled: anything else is an error list
 The architecture is read from the tensor shapes; the number of heads, the ProbSparse factor
 and the pooling size from config.json when present (else the published 4, 5 and 4).
 Upstream fed pre-standardised metadata, so the converted metadata statistics are the
-identity (mean 0, std 1).
+identity (mean 0, std 1); fmb's missingness maps (absent upstream) start at zero.
 """
 
 from __future__ import annotations
@@ -121,9 +121,12 @@ def map_state(state: dict[str, torch.Tensor], model: AstroM3) -> dict[str, torch
         out["logit_scale"] = torch.stack([state[name].reshape(()) for name in _SCALES])
     if unknown:
         raise CheckpointError(f"upstream keys with no place in fmb's AstroM3: {', '.join(sorted(unknown)[:12])}")
-    buffers = model.state_dict()
-    out.setdefault("meta_mean", buffers["meta_mean"])
-    out.setdefault("meta_std", buffers["meta_std"])
+    fresh = model.state_dict()
+    # Not in upstream: identity statistics, and missingness maps at their zero start (complete
+    # data then gives the published network exactly).
+    for key in ("meta_mean", "meta_std", "meta_used", "feature_missing.weight", "metadata_encoder.missing.weight"):
+        if key in fresh:
+            out.setdefault(key, fresh[key])
     return out
 
 

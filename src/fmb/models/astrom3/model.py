@@ -5,6 +5,12 @@ padding mask), the GalSpecNet spectra encoder, the metadata MLP, then `AstroM3`,
 standardises the metadata with training-split statistics kept as buffers, projects every
 modality to a shared L2-normalised space and either returns the three embeddings with their
 logit scales (`mode="clip"`) or class logits (`photo`, `spectra`, `meta`, `all`).
+
+Incomplete data: `present` (batch, 3) says which modalities each object has. A missing metadata
+value (NaN, or a column with no finite training value: `meta_used` False) is imputed with 0 after
+standardisation, and the encoders see where: missingness flags enter through their own linear
+maps (zero at initialisation, so complete data gives the published network exactly). The CLIP
+loss of each pair runs over the objects that have both; `all` fuses the embeddings present.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ N_PHOT_FEATURES = 4
 N_METADATA = N_CATALOGUE + N_PHOT_FEATURES
 N_SPECTRA_CHANNELS = 3
 N_SPECTRA_PIXELS = 2575  # 3850..9000 Angstrom, step 2
+ENCODERS = ("photometry", "spectra", "metadata")  # the order of `present` columns
 
 
 @dataclass
@@ -49,6 +56,8 @@ class AstroM3ModelConfig:
     m_hidden: int = 512
     m_dropout: float = 0.2
     logit_scale_init: float = 100.0
+    # The 4 photometric features as auxiliary photometry inputs (False: treated as missing, for ablations)
+    photometric_features: bool = True
     # Fine-tuning: a CLIP checkpoint (step directory or run directory) to start from.
     init_from: str | None = None
     freeze_encoders: bool = False
@@ -143,9 +152,13 @@ class InformerEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.out_dim = cfg.seq_len * cfg.d_model
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """`extra` (B, d_model), added to every step's token embedding (missingness flags)."""
         x = x * mask[..., None].to(x.dtype)  # the circular conv must not see padding values
-        h = self.drop(self.token(x.transpose(1, 2)).transpose(1, 2) + self.positions[: x.shape[1]])
+        h = self.token(x.transpose(1, 2)).transpose(1, 2) + self.positions[: x.shape[1]]
+        if extra is not None:
+            h = h + extra[:, None, :]
+        h = self.drop(h)
         for layer in self.layers:
             h = layer(h, mask)
         h = self.drop(self.norm(h)) * mask[..., None].to(h.dtype)
@@ -183,21 +196,25 @@ class GalSpecNet(nn.Module):
 
 
 class MetaMLP(nn.Module):
+    """34 standardised catalogue values (0 where missing) and their missingness flags -> m_hidden."""
+
     def __init__(self, cfg: AstroM3ModelConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(N_CATALOGUE, cfg.m_hidden)
+        self.missing = nn.Linear(N_CATALOGUE, cfg.m_hidden, bias=False)
+        nn.init.zeros_(self.missing.weight)
         self.fc2 = nn.Linear(cfg.m_hidden, cfg.m_hidden)
         self.drop = nn.Dropout(cfg.m_dropout)
         self.out_dim = cfg.m_hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(F.relu(self.fc2(self.drop(F.relu(self.fc1(x))))))
+    def forward(self, x: torch.Tensor, missing: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x) + self.missing(missing.to(x.dtype)))
+        return self.drop(F.relu(self.fc2(self.drop(h))))
 
 
 # ----------------------------------------------------------------------------- the model
 
-MODALITIES = {"photo": ("photometry",), "spectra": ("spectra",), "meta": ("metadata",),
-              "all": ("photometry", "spectra", "metadata"), "clip": ("photometry", "spectra", "metadata")}
+MODALITIES = {"photo": ("photometry",), "spectra": ("spectra",), "meta": ("metadata",), "all": ENCODERS, "clip": ENCODERS}
 
 
 class AstroM3(nn.Module):
@@ -208,9 +225,13 @@ class AstroM3(nn.Module):
         # Metadata standardisation (training-split statistics), saved with the weights.
         self.register_buffer("meta_mean", torch.zeros(N_METADATA))
         self.register_buffer("meta_std", torch.ones(N_METADATA))
+        self.register_buffer("meta_used", torch.ones(N_METADATA, dtype=torch.bool))  # False: no finite training value
         if "photometry" in self.modalities:
             self.photometry_encoder = InformerEncoder(cfg, in_channels=9)
             self.photometry_proj = nn.Linear(self.photometry_encoder.out_dim, cfg.embed_dim)
+            # Missingness flags of the 4 photometric features, added to every step's token embedding.
+            self.feature_missing = nn.Linear(N_PHOT_FEATURES, cfg.d_model, bias=False)
+            nn.init.zeros_(self.feature_missing.weight)
         if "spectra" in self.modalities:
             self.spectra_encoder = GalSpecNet(cfg)
             self.spectra_proj = nn.Linear(self.spectra_encoder.out_dim, cfg.embed_dim)
@@ -224,36 +245,56 @@ class AstroM3(nn.Module):
             width = cfg.embed_dim * (3 if cfg.mode == "all" and cfg.fusion == "concat" else 1)
             self.head = nn.Linear(width, num_classes)
 
-    def set_metadata_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def set_metadata_stats(self, mean: torch.Tensor, std: torch.Tensor, used: torch.Tensor | None = None) -> None:
         self.meta_mean.copy_(mean)
         self.meta_std.copy_(std)
+        self.meta_used.copy_(used if used is not None else torch.ones_like(self.meta_used))
 
-    def embed(self, photometry: torch.Tensor, photometry_mask: torch.Tensor, spectra: torch.Tensor,
-              metadata: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L2-normalised embeddings of this model's modalities."""
+    def standardised_metadata(self, metadata: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, missing): standardised with the training statistics, missing ones (non-finite
+        or in an unused column) set to 0, the training mean."""
         meta = (metadata - self.meta_mean) / self.meta_std
+        missing = ~torch.isfinite(meta) | ~self.meta_used
+        if not self.cfg.photometric_features:
+            missing[:, N_CATALOGUE:] = True
+        return meta.masked_fill(missing, 0.0), missing
+
+    def embed(self, photometry: torch.Tensor | None, photometry_mask: torch.Tensor | None,
+              spectra: torch.Tensor | None, metadata: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L2-normalised embeddings of this model's modalities (the inputs of others may be None)."""
+        meta, missing = self.standardised_metadata(metadata)
         out = {}
         if "photometry" in self.modalities:
             features = meta[:, None, N_CATALOGUE:].expand(-1, photometry.shape[1], -1)
             steps = torch.cat([photometry[..., :3], features, photometry[..., 3:]], dim=-1)
-            out["photometry"] = self.photometry_proj(self.photometry_encoder(steps, photometry_mask))
+            flags = self.feature_missing(missing[:, N_CATALOGUE:].to(steps.dtype))
+            out["photometry"] = self.photometry_proj(self.photometry_encoder(steps, photometry_mask, flags))
         if "spectra" in self.modalities:
             out["spectra"] = self.spectra_proj(self.spectra_encoder(spectra))
         if "metadata" in self.modalities:
-            out["metadata"] = self.metadata_proj(self.metadata_encoder(meta[:, :N_CATALOGUE]))
+            out["metadata"] = self.metadata_proj(self.metadata_encoder(meta[:, :N_CATALOGUE], missing[:, :N_CATALOGUE]))
         return {name: F.normalize(e, dim=-1) for name, e in out.items()}
 
-    def forward(self, photometry: torch.Tensor, photometry_mask: torch.Tensor, spectra: torch.Tensor,
-                metadata: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, photometry: torch.Tensor | None, photometry_mask: torch.Tensor | None,
+                spectra: torch.Tensor | None, metadata: torch.Tensor,
+                present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Embeddings (and `scales` or `logits`); `present` (batch, 3) in ENCODERS order, None: all
+        present. In `all` mode the head sees the mean (or the concatenation, absent ones zero) of
+        the embeddings an object has."""
         out = self.embed(photometry, photometry_mask, spectra, metadata)
         if self.cfg.mode == "clip":
             out["scales"] = self.logit_scale.exp().clamp(1.0, 100.0)
             return out
-        embeddings = [out[m] for m in self.modalities]
+        embeddings = torch.stack([out[m] for m in self.modalities])  # (modalities, batch, dim)
+        if present is not None:
+            has = present[:, [ENCODERS.index(m) for m in self.modalities]].T[..., None].to(embeddings.dtype)
+            embeddings = embeddings * has
         if self.cfg.mode == "all" and self.cfg.fusion == "concat":
-            fused = torch.cat(embeddings, dim=-1)
+            fused = torch.cat(list(embeddings), dim=-1)
+        elif present is not None:
+            fused = embeddings.sum(0) / has.sum(0).clamp_min(1.0)
         else:
-            fused = torch.stack(embeddings).mean(0)
+            fused = embeddings.mean(0)
         out["logits"] = self.head(fused)
         return out
 
@@ -263,15 +304,36 @@ class AstroM3(nn.Module):
 CLIP_PAIRS = (("photometry", "spectra"), ("spectra", "metadata"), ("metadata", "photometry"))
 
 
-def symmetric_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def pair_name(a: str, b: str) -> str:
+    return f"{a[:4]}_{b[:4]}"
+
+
+def symmetric_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                        both: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric cross-entropy of matching rows of a and b; with `both` (batch,) bool, over the rows
+    that have both modalities only (the others are neither anchors nor candidates; fewer than two
+    such rows give 0). Masked, not indexed: no host synchronisation, every row in the graph."""
     logits = scale * a @ b.T
     target = torch.arange(len(a), device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if both is None:
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    logits = logits.masked_fill(~(both[:, None] & both[None, :]), -1e4)  # |logits| <= 100: exp(-1e4) is 0
+    weight = both.to(logits.dtype)
+    rows = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    return 0.5 * (rows * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def trimodal_clip_loss(emb: dict[str, torch.Tensor], scales: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The three pairwise symmetric cross-entropy losses (each with its own scale) and their sum."""
-    parts = {f"{a[:4]}_{b[:4]}": symmetric_clip_loss(emb[a].float(), emb[b].float(), scales[i])
+def pair_presence(present: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(batch,) bool per CLIP pair: the objects that have both of its modalities."""
+    return {pair_name(a, b): present[:, ENCODERS.index(a)] & present[:, ENCODERS.index(b)] for a, b in CLIP_PAIRS}
+
+
+def trimodal_clip_loss(emb: dict[str, torch.Tensor], scales: torch.Tensor,
+                       present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The three pairwise symmetric cross-entropy losses (each with its own scale, each over the
+    objects that have both modalities; `present` None: all) and their sum."""
+    both = pair_presence(present) if present is not None else {}
+    parts = {pair_name(a, b): symmetric_clip_loss(emb[a].float(), emb[b].float(), scales[i], both.get(pair_name(a, b)))
              for i, (a, b) in enumerate(CLIP_PAIRS)}
     parts["loss"] = sum(parts.values())
     return parts

@@ -2,8 +2,11 @@
 fine-tuning (`photo`, `spectra`, `meta`, `all`), from scratch or from a CLIP checkpoint
 (`model.init_from`), optionally with frozen encoders.
 
+Objects train with what they have: the CLIP loss of each pair runs over the objects with both
+of its modalities, a classifier over the objects with a known label and its modality (`all`: any).
+
 Validation reports `loss` and `retrieval_acc` (CLIP: how often the partner of an object is the
-best match within its batch, averaged over the three pairs and both directions), or `loss`,
+best match within its batch, over the objects of each pair and both directions), or `loss`,
 `accuracy`, `macro_f1` and `recall_<class>` (classification); the confusion matrix of every
 validation is written to `<run>/confusion/step_NNNNNNN.json` and `<run>/confusion_matrix.json`.
 """
@@ -22,18 +25,29 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from fmb.data.missing import ColumnStatistics
+from fmb.data.surveys.astrom3 import METADATA_NAMES
 from fmb.data.tables import available_splits
 from fmb.embeddings import OLD_NAMES, joint_embedding
-from fmb.errors import ConfigError
-from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset, metadata_statistics
-from fmb.models.astrom3.model import CLIP_PAIRS, AstroM3, AstroM3ModelConfig, trimodal_clip_loss
+from fmb.errors import ConfigError, DataError
+from fmb.models.astrom3.data import AstroM3DataConfig, AstroM3Dataset
+from fmb.models.astrom3.model import (
+    CLIP_PAIRS,
+    ENCODERS,
+    MODALITIES,
+    AstroM3,
+    AstroM3ModelConfig,
+    pair_name,
+    pair_presence,
+    trimodal_clip_loss,
+)
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
 from fmb.train.embed import EmbedBatch
 
 log = logging.getLogger("fmb")
 
-INPUTS = ("photometry", "photometry_mask", "spectra", "metadata")
+INPUTS = ("photometry", "photometry_mask", "spectra", "metadata", "present")  # absent keys: None (unused modality)
 
 
 @dataclass
@@ -62,11 +76,12 @@ def classification_metrics(confusion: np.ndarray, classes: list[str]) -> dict[st
     return out
 
 
-def retrieval_hits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Number of rows of a whose best match in b is its partner, plus the same from b to a."""
-    sim = a.float() @ b.float().T
+def retrieval_hits(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor) -> torch.Tensor:
+    """Among the rows with both modalities (`both`), the number of rows of a whose best match in b
+    is its partner, plus the same from b to a."""
+    sim = (a.float() @ b.float().T).masked_fill(~(both[:, None] & both[None, :]), float("-inf"))
     target = torch.arange(len(a), device=a.device)
-    return (sim.argmax(1) == target).sum() + (sim.argmax(0) == target).sum()
+    return ((sim.argmax(1) == target) & both).sum() + ((sim.argmax(0) == target) & both).sum()
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -90,7 +105,7 @@ class AstroM3Trainer(BaseTrainer):
                                   f"choose one of {', '.join(sorted(produced))}")
         if mode == "clip" and (config.model.init_from or config.model.freeze_encoders):
             raise ConfigError("model.init_from and model.freeze_encoders apply to fine-tuning modes, not model.mode=clip")
-        self.metadata_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self.metadata_stats: ColumnStatistics | None = None
         self.last_confusion: np.ndarray | None = None
 
     @property
@@ -100,22 +115,42 @@ class AstroM3Trainer(BaseTrainer):
     # -------------------------------------------------------------- data
 
     def demo_data(self) -> tuple[str, dict[str, Any]]:
-        return "astrom3", {}
+        missing = self.config.data.synthetic_missing
+        return "astrom3", ({"missing": dict(missing)} if missing else {})
 
     def prepare(self) -> None:
         if self.config.data.path is None:
             raise ConfigError("set data.path to an AstroM3 parquet directory (or ${paths.astrom3}), or use --demo")
 
+    def _dataset_options(self) -> dict[str, Any]:
+        data, mode = self.config.data, self.config.model.mode
+        return dict(classes=self.classes, seq_len=self.config.model.seq_len, modalities=MODALITIES[mode],
+                    sentinels=data.missing_sentinels, phased=data.phased, cache_row_groups=data.cache_row_groups)
+
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
-        data = self.config.data
-        common = dict(classes=self.classes, seq_len=self.config.model.seq_len, bad_rows=data.bad_rows,
-                      seed=self.cfg.seed, cache_row_groups=data.cache_row_groups)
+        data, mode = self.config.data, self.config.model.mode
+        # The single-modality classifiers need their modality in every split; clip and all use what there is.
+        required = MODALITIES[mode] if len(MODALITIES[mode]) == 1 else ()
+        common = dict(**self._dataset_options(), bad_rows=data.bad_rows, seed=self.cfg.seed,
+                      labels_needed=mode != "clip", required=required)
         train = AstroM3Dataset(data.path, data.train_split, train=True,
-                               label_fraction=data.label_fraction if self.config.model.mode != "clip" else 1.0,
-                               **common)
+                               label_fraction=data.label_fraction if mode != "clip" else 1.0, **common)
         val = AstroM3Dataset(data.path, data.val_split, train=False, **common)
-        self.metadata_stats = metadata_statistics(train.metadata_matrix())
+        if len(MODALITIES[mode]) > 1:
+            self._check_pairs(train, data.train_split)
+        self.metadata_stats = ColumnStatistics.of(train.metadata_matrix(), METADATA_NAMES,
+                                                  f"{data.path} (split {data.train_split}) metadata")
         return train, val
+
+    def _check_pairs(self, train: AstroM3Dataset, split: str) -> None:
+        """clip / all: report modalities no training object has; clip needs two of them."""
+        held = [name for name in ENCODERS
+                if (train.catalogue_present().any() if name == "metadata" else train.source.has_values(name))]
+        absent = [name for name in ENCODERS if name not in held]
+        if self.config.model.mode == "clip" and len(held) < 2:
+            raise DataError(f"{train.where}: CLIP needs two modalities, but no object has {' or '.join(absent)}")
+        if absent:
+            log.warning(f"{train.where}: no object has {', '.join(absent)}; its encoder learns nothing")
 
     # -------------------------------------------------------------- model
 
@@ -126,8 +161,8 @@ class AstroM3Trainer(BaseTrainer):
         cfg = self.config.model
         model = self.new_model()
         if self.metadata_stats is not None:
-            mean, std = self.metadata_stats
-            model.set_metadata_stats(torch.from_numpy(mean), torch.from_numpy(std))
+            stats = self.metadata_stats
+            model.set_metadata_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std), torch.from_numpy(stats.used))
         if cfg.init_from:
             # Every encoder, projection and the metadata statistics this model has, from an astrom3 run
             # (a CLIP run holds all of them); the classification head stays new.
@@ -149,40 +184,38 @@ class AstroM3Trainer(BaseTrainer):
     # -------------------------------------------------------------- loss and metrics
 
     def _step(self, model: nn.Module, batch: dict[str, torch.Tensor], evaluating: bool) -> tuple[StepOutput, dict[str, torch.Tensor]]:
-        """The loss over the valid rows, and summed evaluation statistics."""
-        valid = batch["valid"]
-        out = model(*(batch[k] for k in INPUTS))
-        n_valid = valid.sum()
-        masked = (~valid).float().mean()
-        sums: dict[str, torch.Tensor] = {"n": n_valid.double(), "masked": (~valid).sum().double()}
+        """The loss over the objects that can teach it, and summed evaluation statistics."""
+        present = batch["present"]
+        out = model(*(batch.get(k) for k in INPUTS))
+        masked = batch["masked"].float().mean()
+        sums: dict[str, torch.Tensor] = {"masked": batch["masked"].sum().double()}
         if self.config.model.mode == "clip":
-            # Rows are dropped from all three modalities together, so pairs stay aligned.
-            emb = {name: out[name][valid] for name, _ in CLIP_PAIRS}
-            if len(emb["photometry"]) < 2:
-                loss = out["scales"].sum() * 0.0 + sum(e.sum() for e in emb.values()) * 0.0
-                if evaluating:  # every batch reports the same names
-                    zero = torch.zeros((), dtype=torch.float64, device=valid.device)
-                    sums.update({name: zero for name in ("loss", *(f"{a[:4]}_{b[:4]}" for a, b in CLIP_PAIRS), "hits")})
-                return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(valid)), sums
-            parts = trimodal_clip_loss(emb, out["scales"])
+            both = pair_presence(present)
+            parts = trimodal_clip_loss({name: out[name] for name in ENCODERS}, out["scales"], present)
             loss = parts.pop("loss")
             components = {**parts, "masked": masked}
             for i, name in enumerate(("scale_ps", "scale_sm", "scale_mp")):
                 components[name] = out["scales"][i].detach()
             if evaluating:
-                sums["loss"] = loss.double() * n_valid
+                sums["hits"] = sum(retrieval_hits(out[a], out[b], both[pair_name(a, b)]) for a, b in CLIP_PAIRS).double()
                 for name, value in parts.items():
-                    sums[name] = value.double() * n_valid
-                sums["hits"] = sum(retrieval_hits(emb[a], emb[b]) for a, b in CLIP_PAIRS).double()
-            return StepOutput(loss=loss, components=components, n_samples=len(valid)), sums
-        logits = out["logits"].float()[valid]
-        labels = batch["label"][valid]
-        loss = F.cross_entropy(logits, labels) if len(labels) else out["logits"].sum() * 0.0
+                    count = both[name].sum().double()
+                    sums[name] = value.double() * count
+                    sums[f"n_{name}"] = count
+            return StepOutput(loss=loss, components=components, n_samples=len(present)), sums
+        columns = [ENCODERS.index(m) for m in model.modalities]
+        labels = batch["label"]
+        usable = present[:, columns].any(1) & (labels >= 0)
+        logits = out["logits"].float()
+        weight = usable.to(logits.dtype)
+        rows = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+        loss = (rows * weight).sum() / weight.sum().clamp_min(1.0)
         if evaluating:
             k = len(self.classes)
-            sums["loss"] = loss.double() * n_valid
-            sums["confusion"] = torch.bincount(labels * k + logits.argmax(1), minlength=k * k).double()
-        return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(valid)), sums
+            sums["n"] = usable.sum().double()
+            sums["loss"] = (rows * weight).sum().double()
+            sums["confusion"] = torch.bincount((labels * k + logits.argmax(1))[usable], minlength=k * k).double()
+        return StepOutput(loss=loss, components={"masked": masked}, n_samples=len(present)), sums
 
     def compute_loss(self, model: nn.Module, batch: Any) -> StepOutput:
         return self._step(model, batch, evaluating=False)[0]
@@ -195,14 +228,14 @@ class AstroM3Trainer(BaseTrainer):
         if split is not None and names and split not in names:
             raise ConfigError(f"--split {split}: {path} has {', '.join(names)}")
         chosen = [split] if split else (names or [None])
-        return [(name or "all", AstroM3Dataset(path, name, self.classes, self.config.model.seq_len, train=False,
-                                               bad_rows="mask", strict_labels=False)) for name in chosen]
+        return [(name or "all", AstroM3Dataset(path, name, train=False, bad_rows="mask", **self._dataset_options()))
+                for name in chosen]
 
     def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
-        """Per modality the projected embedding (null for rows left out as bad input), joint =
-        normalised sum; the label (null outside the run's classes), class index and, for
-        classifiers, the predicted class."""
-        out = model(*(batch[k] for k in INPUTS))
+        """Per modality the projected embedding (null where the object lacks it or it is unusable),
+        joint = normalised sum of those present; the label (null outside the run's classes), class
+        index and, for classifiers, the predicted class (from the modalities present)."""
+        out = model(*(batch.get(k) for k in INPUTS))
         valid = batch["valid"]
         names = np.array(self.classes, dtype=object)
         index = batch["label"].cpu().numpy()
@@ -211,7 +244,7 @@ class AstroM3Trainer(BaseTrainer):
         if "logits" in out:
             targets["predicted"] = names[out["logits"].argmax(1).cpu().numpy()].tolist()
         vectors = {OLD_NAMES.get(name, name): out[name].float() for name in model.modalities}
-        present = {name: valid for name in vectors}
+        present = {OLD_NAMES.get(name, name): batch["present"][:, ENCODERS.index(name)] for name in model.modalities}
         if len(vectors) > 1:
             vectors["joint"] = joint_embedding(vectors, present)
             present["joint"] = valid
@@ -224,13 +257,14 @@ class AstroM3Trainer(BaseTrainer):
     def validation_metrics(self, totals: dict[str, tuple[torch.Tensor, float]],
                            rows: dict[str, torch.Tensor]) -> dict[str, float]:
         values = {name: total for name, (total, _) in totals.items()}
-        n = max(float(values.pop("n")), 1.0)
         metrics = {"masked": float(values.pop("masked"))}
         if self.config.model.mode == "clip":
-            if "hits" in values:
-                metrics["retrieval_acc"] = float(values.pop("hits")) / (n * 2 * len(CLIP_PAIRS))
-            metrics.update({name: float(value) / n for name, value in values.items()})
+            counts = {name: float(values.pop(f"n_{name}")) for name in map(lambda p: pair_name(*p), CLIP_PAIRS)}
+            metrics["retrieval_acc"] = float(values.pop("hits")) / max(2 * sum(counts.values()), 1.0)
+            parts = {name: float(values[name]) / max(count, 1.0) for name, count in counts.items()}
+            metrics.update(parts, loss=sum(parts.values()))
             return metrics
+        n = max(float(values.pop("n")), 1.0)
         metrics["loss"] = float(values["loss"]) / n
         k = len(self.classes)
         self.last_confusion = values["confusion"].cpu().numpy().reshape(k, k)
