@@ -176,11 +176,14 @@ def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")],
     n: Annotated[int, typer.Option("-n", help="Number of objects.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    missing: Annotated[str | None, typer.Option(help="Shares of missing data per modality, e.g. spectra=0.7,metadata=0.3.")] = None,
 ) -> None:
     """Write synthetic data in the exact schema of a real dataset (latent truth stored as columns)."""
+    from fmb.data.synth import parse_missing
     from fmb.models import write_synthetic
 
-    path = write_synthetic(kind, out, n, seed)
+    options = {"missing": parse_missing(missing)} if missing else {}
+    path = write_synthetic(kind, out, n, seed, **options)
     typer.echo(f"wrote {n} objects of '{kind}' to {path}")
 
 

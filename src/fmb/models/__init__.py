@@ -11,6 +11,7 @@ family list and summaries, `fmb data kinds`, `fmb slurm` and family-specific com
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,4 +116,9 @@ def write_synthetic(kind: str, out: Path, n: int, seed: int, **options: Any) -> 
         raise ConfigError(f"unknown synthetic data kind '{kind}'. Valid kinds: {', '.join(kinds)}")
     if n <= 0:
         raise ConfigError(f"-n must be positive, got {n}")
-    return Path(resolve(kinds[kind][0])(Path(out), n, seed, **options))
+    generator = resolve(kinds[kind][0])
+    accepted = inspect.signature(generator).parameters
+    refused = [name for name in options if name not in accepted]
+    if refused:
+        raise ConfigError(f"synthetic '{kind}' data takes no option {', '.join(refused)}")
+    return Path(generator(Path(out), n, seed, **options))

@@ -22,3 +22,4 @@ METADATA_NAMES = [
     "amplitude", "period", "lksl_statistic", "rfr_score",
 ]
 PERIOD_INDEX = METADATA_NAMES.index("period")
+N_CATALOGUE = METADATA_NAMES.index("amplitude")  # 34 catalogue values, then the 4 photometric features

@@ -3,16 +3,26 @@
 Each kind is a function `write(out_dir, n, seed, **options) -> Path` in its own module, listed in
 the registry (fmb.models.SURVEY_KINDS, plus kinds a family brings). Generators make and write
 `CHUNK` objects at a time, so memory stays flat as `n` grows (the same seed gives the same data).
+
+Incomplete data: a generator taking `missing={modality: rate}` (`fmb data synth --missing
+spectra=0.7,metadata=0.3`) checks the names with `check_missing` and, per chunk, nulls whole
+modalities with `drop_modalities` and blanks single catalogue values with `blank_values`, drawing
+from `missing_rng(seed)`: a stream of its own, so the objects are the same with and without it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from fmb.errors import ConfigError
 
 CHUNK = 256  # objects generated and written at a time
 
@@ -39,3 +49,86 @@ def write_parquet(path: Path, tables: Iterable[pa.Table], schema: pa.Schema | No
             writer.close()
     os.replace(tmp, path)
     return path
+
+
+# ----------------------------------------------------------------------------- missing data
+
+
+def parse_missing(text: str) -> dict[str, float]:
+    """"spectra=0.7,metadata=0.3" -> {"spectra": 0.7, "metadata": 0.3} (ConfigError when malformed)."""
+    rates = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            rates[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--missing {item!r}: expected modality=rate, e.g. spectra=0.7") from None
+    return rates
+
+
+def check_missing(missing: Mapping[str, float] | None, valid: Iterable[str], kind: str) -> dict[str, float]:
+    """The missing-data rates `missing` checked against the modality names a generator knows: an
+    unknown name or a rate outside [0, 1] is a ConfigError naming the valid ones."""
+    valid = list(valid)
+    rates = dict(missing or {})
+    unknown = [name for name in rates if name not in valid]
+    if unknown:
+        raise ConfigError(f"--missing: unknown modality {', '.join(map(repr, unknown))} for '{kind}'; "
+                          f"valid: {', '.join(valid)}")
+    for name, rate in rates.items():
+        if not 0.0 <= float(rate) <= 1.0:
+            raise ConfigError(f"--missing {name}={rate}: a rate is a share of objects, between 0 and 1")
+    return {name: float(rate) for name, rate in rates.items()}
+
+
+def missing_rng(seed: int) -> np.random.Generator:
+    """The random stream of the missing-data masks, independent of the objects' stream."""
+    return np.random.default_rng([seed, zlib.crc32(b"missing")])
+
+
+def drop_modalities(table: pa.Table, rates: Mapping[str, float], columns_by_modality: Mapping[str, Sequence[str]],
+                    rng: np.random.Generator) -> pa.Table:
+    """`table` with every column of a modality null for a random `rates[modality]` share of its rows
+    (each modality drawn independently; rows already null stay null). Modalities without a rate,
+    or columns the table lacks, are left alone."""
+    for modality, columns in columns_by_modality.items():
+        rate = rates.get(modality, 0.0)
+        if rate <= 0.0:
+            continue
+        drop = rng.random(table.num_rows) < rate
+        for name in columns:
+            index = table.schema.get_field_index(name)
+            if index < 0:
+                continue
+            column = table.column(index).combine_chunks()
+            nulled = pc.if_else(pa.array(drop), pa.nulls(len(column), column.type), column)
+            table = table.set_column(index, table.schema.field(index), nulled)
+    return table
+
+
+def blank_values(table: pa.Table, column: str, rate: float, rng: np.random.Generator,
+                 positions: slice = slice(None)) -> pa.Table:
+    """`table` with a random `rate` share of the values of a float column set to NaN (a list<float>
+    column: of the elements at `positions` of each list, all lists of one length), as catalogues
+    miss single values (coverage, depth, crowding)."""
+    if rate <= 0.0:
+        return table
+    index = table.schema.get_field_index(column)
+    array = table.column(index).combine_chunks()
+    if pa.types.is_list(array.type):
+        present = array.filter(array.is_valid())
+        if not len(present):
+            return table
+        width = int(present.value_lengths()[0].as_py())
+        values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, width)
+        chosen = np.zeros(width, bool)
+        chosen[positions] = True
+        values[(rng.random(values.shape) < rate) & chosen] = np.nan
+        flat = pa.array(values.reshape(-1), array.type.value_type)
+        offsets = np.concatenate([[0], np.cumsum(array.value_lengths().fill_null(0).to_numpy())]).astype(np.int32)
+        blanked = pa.ListArray.from_arrays(pa.array(offsets), flat, mask=array.is_null())
+    else:
+        values = array.to_numpy(zero_copy_only=False).astype(np.float64)
+        values[rng.random(len(values)) < rate] = np.nan
+        blanked = pa.array(values, array.type, mask=array.is_null().to_numpy(zero_copy_only=False))
+    return table.set_column(index, table.schema.field(index), blanked)

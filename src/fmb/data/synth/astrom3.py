@@ -6,6 +6,10 @@ like spectrum from its temperature (black body, Balmer and metal lines, TiO band
 giants) and catalogue metadata consistent with its luminosity, colour and distance. Latent
 truth (class, period, amplitude, temperature, distance) is stored as ordinary columns.
 Writes `<out>/{train,validation,test}-00000-of-00001.parquet` (80/10/10).
+
+`missing={"photometry": r, "spectra": r, "metadata": r}`: the light curve or spectrum is null for
+a share r of the objects; for metadata, a share r of the 34 catalogue values is NaN (a real
+sample misses Gaia, 2MASS and WISE values; the photometric features come from the light curve).
 """
 
 from __future__ import annotations
@@ -15,8 +19,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from fmb.data.surveys.astrom3 import METADATA_NAMES
-from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
+from fmb.data.surveys.astrom3 import METADATA_NAMES, N_CATALOGUE
+from fmb.data.synth import (
+    CHUNK,
+    blank_values,
+    check_missing,
+    chunk_bounds,
+    drop_modalities,
+    missing_rng,
+    write_parquet,
+)
 
 # name: (share of the real train split, period range [d], amplitude range [mag], light-curve
 # shape, Teff range [K], absolute V magnitude range)
@@ -34,6 +46,7 @@ CLASS_TABLE = {
 }
 SPLITS = (("train", 0.8), ("validation", 0.1), ("test", 0.1))
 ROW_GROUP = 32  # small groups: random access decodes little
+MISSING = ("photometry", "spectra", "metadata")  # the names `missing` takes
 
 
 def brightness(shape: str, phase: np.ndarray, t: np.ndarray, period: float, rng: np.random.Generator) -> np.ndarray:
@@ -165,9 +178,11 @@ SCHEMA = pa.schema([
 ])
 
 
-def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK) -> Path:
-    """Write `n` objects (80/10/10 train/validation/test), `chunk` at a time."""
-    rng = np.random.default_rng(seed)
+def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK, missing: dict[str, float] | None = None) -> Path:
+    """Write `n` objects (80/10/10 train/validation/test), `chunk` at a time; `missing`: shares of
+    absent light curves / spectra and of missing catalogue values (see the module docstring)."""
+    rates = check_missing(missing, MISSING, "astrom3")
+    rng, holes = np.random.default_rng(seed), missing_rng(seed)
     names = list(CLASS_TABLE)
     shares = np.array([CLASS_TABLE[c][0] for c in names], dtype=np.float64)
     labels = rng.choice(len(names), size=n, p=shares / shares.sum())
@@ -176,9 +191,17 @@ def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK) -> Path:
     bounds = np.cumsum([0] + [int(round(f * n)) for _, f in SPLITS[:-1]] + [n])
     bounds[-1] = n
     for (split, _), lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
-        tables = (_objects([names[i] for i in labels[a:b]], a, rng) for a, b in chunk_bounds(int(lo), int(max(lo, hi)), chunk))
+        tables = (_incomplete(_objects([names[i] for i in labels[a:b]], a, rng), rates, holes)
+                  for a, b in chunk_bounds(int(lo), int(max(lo, hi)), chunk))
         write_parquet(out_dir / f"{split}-00000-of-00001.parquet", tables, SCHEMA, ROW_GROUP)
     return out_dir
+
+
+def _incomplete(table: pa.Table, rates: dict[str, float], rng: np.random.Generator) -> pa.Table:
+    if not rates:
+        return table
+    table = drop_modalities(table, rates, {"photometry": ["photometry"], "spectra": ["spectra"]}, rng)
+    return blank_values(table, "metadata", rates.get("metadata", 0.0), rng, positions=slice(0, N_CATALOGUE))
 
 
 def _objects(classes: list[str], first: int, rng: np.random.Generator) -> pa.Table:

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmb.data.surveys.astrom3 import N_CATALOGUE
+
 # Model inputs. The dataset gives 5 photometry channels per step; the model appends the 4
 # standardised photometric features (amplitude, period, lksl_statistic, rfr_score) to get
 # the published 9: time, flux, flux_err, amplitude, period, lksl, rfr, log10(MAD), time span.
-N_CATALOGUE = 34
 N_PHOT_FEATURES = 4
 N_METADATA = N_CATALOGUE + N_PHOT_FEATURES
 N_SPECTRA_CHANNELS = 3
