@@ -14,6 +14,7 @@ from fmb.models.astrom3.model import (
     GalSpecNet,
     InformerEncoder,
     ProbSparseAttention,
+    symmetric_clip_loss,
     trimodal_clip_loss,
 )
 
@@ -163,3 +164,58 @@ def test_metadata_statistics_are_saved_with_the_weights():
     torch.manual_seed(0)
     b = base(**x)["metadata"]
     torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- incomplete data
+
+
+def test_clip_loss_over_the_objects_of_each_pair():
+    gen = torch.Generator().manual_seed(3)
+    emb = {m: torch.nn.functional.normalize(torch.randn(5, 8, generator=gen), dim=-1).requires_grad_()
+           for m in ("photometry", "spectra", "metadata")}
+    scales = torch.tensor([4.0, 4.0, 4.0])
+    present = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    parts = trimodal_clip_loss(emb, scales, present)
+    # Each pair equals the plain loss over the rows that have both modalities.
+    for (a, b, name), rows in zip((("photometry", "spectra", "phot_spec"), ("spectra", "metadata", "spec_meta"),
+                                   ("metadata", "photometry", "meta_phot")), ([0, 4], [0, 3], [0, 1, 2]), strict=True):
+        expected = symmetric_clip_loss(emb[a][rows], emb[b][rows], scales[0])
+        torch.testing.assert_close(parts[name], expected)
+    parts["loss"].backward()
+    assert emb["spectra"].grad[[1, 2]].abs().sum() == 0  # objects without a spectrum give it no gradient
+    assert emb["metadata"].grad[[1, 2]].abs().sum() > 0  # but still teach the metadata-photometry pair
+    one = torch.tensor([True, False, False, False, False])
+    assert symmetric_clip_loss(emb["photometry"], emb["spectra"], scales[0], one).item() == 0.0
+
+
+def test_missing_metadata_imputed_flagged_and_unused_columns_ignored():
+    model = AstroM3(tiny(mode="meta"), num_classes=10).eval()
+    model.set_metadata_stats(torch.zeros(38), torch.ones(38), torch.arange(38) != 5)
+    x = inputs()
+    x["metadata"][0, 3] = float("nan")
+    out = model(**x)
+    assert torch.isfinite(out["logits"]).all()
+    moved = {**x, "metadata": x["metadata"].clone()}
+    moved["metadata"][:, 5] += 7.0  # column 5 had no finite training value: left out
+    torch.testing.assert_close(model(**moved)["logits"], out["logits"])
+    imputed = {**x, "metadata": x["metadata"].clone()}
+    imputed["metadata"][0, 3] = 0.0  # missing = the training mean (0 here) while the flag map is zero
+    torch.testing.assert_close(model(**imputed)["logits"], out["logits"])
+    with torch.no_grad():
+        model.metadata_encoder.missing.weight.fill_(1.0)  # the model sees the flag once it learns to
+    assert not torch.allclose(model(**imputed)["logits"][0], model(**x)["logits"][0])
+
+
+def test_all_mode_fuses_the_modalities_present():
+    model = AstroM3(tiny(mode="all"), num_classes=10).eval()
+    x = inputs()
+    present = torch.tensor([[True, False, True], [True, True, True], [False, True, False]])
+    torch.manual_seed(0)
+    out = model(**x, present=present)
+    other = {**x, "spectra": torch.randn(3, 3, 2575)}
+    torch.manual_seed(0)
+    again = model(**other, present=present)
+    torch.testing.assert_close(again["logits"][0], out["logits"][0])  # object 0 has no spectrum
+    assert not torch.allclose(again["logits"][1], out["logits"][1])
+    fused = (out["photometry"][0] + out["metadata"][0]) / 2
+    torch.testing.assert_close(out["logits"][0], model.head(fused))

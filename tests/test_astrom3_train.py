@@ -260,3 +260,54 @@ def test_convert_upstream_layout_strictly(monkeypatch, capsys, tmp_path):
     save_file(missing, str(src / "model.safetensors"))
     with pytest.raises(CheckpointError, match="missing keys: metadata_encoder.fc2.bias"):
         convert(src, tmp_path / "c3")
+
+
+# ----------------------------------------------------------------------------- incomplete data
+
+
+def test_photometry_classifier_trains_without_spectra_and_with_missing_metadata(monkeypatch, capsys, tmp_path):
+    """The issue's case: light curves and labels, spectra all null, a third of the catalogue NaN."""
+    out = tmp_path / "photo"
+    code, _, err = run(monkeypatch, capsys, "retrain", "astrom3", "--demo", "--config", "configs/astrom3/finetune.yaml",
+                       "--out", str(out), "--max-steps", "6", "--no-progress",
+                       *sets("data.synthetic=80", "data.synthetic_missing={spectra: 1.0, metadata: 0.3}"))
+    assert code == 0, err
+    table = pq.read_table(out / "data" / "train-00000-of-00001.parquet")
+    assert table.column("spectra").null_count == table.num_rows
+    vals = [r for r in records(out) if "val/accuracy" in r]
+    assert vals and all(math.isfinite(r["val/loss"]) for r in vals) and 0 <= vals[-1]["val/accuracy"] <= 1
+    emb = tmp_path / "photo.parquet"
+    code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(out), "--out", str(emb),
+                       "--device", "cpu", "--split", "test")
+    assert code == 0, err
+    embedded = pq.read_table(emb)
+    assert embedded.column("embedding_photometry").null_count == 0
+    assert "embedding_spectrum" not in embedded.column_names and embedded.column("predicted").null_count == 0
+    # The spectra classifier cannot train on this sample: the error names the modality and the split.
+    code, _, err = run(monkeypatch, capsys, "retrain", "astrom3", "--config", "configs/astrom3/finetune.yaml",
+                       "--out", str(tmp_path / "spectra"), "--max-steps", "2", "--device", "cpu", "--no-progress",
+                       *sets("model.mode=spectra", f"data.path={out / 'data'}"))
+    assert code == 1 and "no object has a 'spectra' value" in err and "split train" in err
+
+
+def test_clip_trains_on_the_pairs_each_object_has_and_embeds_what_is_present(monkeypatch, capsys, tmp_path):
+    data = write_synthetic("astrom3", tmp_path / "data", n=100, seed=3,
+                           missing={"spectra": 0.7, "photometry": 0.2, "metadata": 0.3})
+    out = tmp_path / "clip"
+    code, _, err = run(monkeypatch, capsys, "retrain", "astrom3", "--out", str(out), "--max-steps", "6", "--device",
+                       "cpu", "--no-progress", *sets(f"data.path={data}", "data.missing_sentinels=[-99.99]"))
+    assert code == 0, err
+    rows = records(out)
+    train = [r for r in rows if "train/loss" in r]
+    assert train and all(math.isfinite(r["train/loss"]) and r["train/meta_phot"] > 0 for r in train)
+    assert all(0 <= r["val/retrieval_acc"] <= 1 for r in rows if "val/retrieval_acc" in r)
+    emb = tmp_path / "clip.parquet"
+    code, _, err = run(monkeypatch, capsys, "embed", "astrom3", "--checkpoint", str(out), "--out", str(emb),
+                       "--device", "cpu", "--split", "train")
+    assert code == 0, err
+    source = pq.read_table(data / "train-00000-of-00001.parquet", columns=["spectra", "photometry"])
+    embedded = pq.read_table(emb)
+    for column, modality in (("spectra", "spectrum"), ("photometry", "photometry")):
+        absent = source.column(column).is_null().to_pylist()
+        assert embedded.column(f"embedding_{modality}").is_null().to_pylist() == absent
+    assert embedded.column("embedding_joint").null_count == 0  # metadata is there for every object
