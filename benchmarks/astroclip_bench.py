@@ -25,9 +25,9 @@ from fmb.models.astroclip.trainer import (
     AstroCLIPModelConfig,
     apply_finetune,
     build_astroclip,
-    masked_clip_loss,
 )
 from fmb.train.flops import flop_counter
+from fmb.train.losses import masked_clip_loss
 
 # (label, image preset, patch, image size, spectrum preset, spectrum slice/stride, shared width, batch)
 CPU_CONFIGS = [

@@ -34,9 +34,9 @@ from fmb.models.astroclip.trainer import (
     AstroCLIPTrainer,
     SpecFormerConfig,
     SpecFormerTrainer,
-    masked_clip_loss,
 )
 from fmb.train import checkpoint as ckpt
+from fmb.train.losses import masked_clip_loss
 
 TINY_VIT = ViTShape(width=32, depth=3, heads=2, patch_size=8, image_size=32, drop_path=0.1)
 TINY_SPEC = SpecFormerShape(width=32, depth=2, heads=2)

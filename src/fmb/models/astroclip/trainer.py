@@ -49,14 +49,13 @@ from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train import checkpoint as ckpt
 from fmb.train.embed import EmbedBatch
 from fmb.train.evaluator import ValidationBatch
+from fmb.train.losses import masked_clip_loss
 
 log = logging.getLogger("fmb")
 
 FAMILY = "astroclip"
 SPECFORMER_FAMILY = "specformer"
 IMAGE_BACKBONE = "image_backbone"  # meta.json "component" of a converted AstroDINO backbone
-# Logits of pairs with a missing modality: far below any real logit (|logit| <= scale <= 100), finite.
-_EXCLUDED = -1e4
 
 
 @dataclass
@@ -230,17 +229,6 @@ class _DataMixin:
 
 
 # ----------------------------------------------------------------------------- AstroCLIP
-
-
-def masked_clip_loss(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Symmetric cross-entropy over the valid pairs of a batch (pairs missing a modality drop out
-    of both the rows and the columns), without any host synchronisation."""
-    pair_ok = valid[:, None] & valid[None, :]
-    logits = logits.masked_fill(~pair_ok, _EXCLUDED)
-    labels = torch.arange(len(logits), device=logits.device)
-    per_row = F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")
-    weight = valid.float()
-    return 0.5 * (per_row * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 class AstroCLIPTrainer(_DataMixin, BaseTrainer):

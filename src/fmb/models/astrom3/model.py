@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmb.data.surveys.astrom3 import N_CATALOGUE
+from fmb.train.losses import masked_clip_loss
 
 # Model inputs. The dataset gives 5 photometry channels per step; the model appends the 4
 # standardised photometric features (amplitude, period, lksl_statistic, rfr_score) to get
@@ -315,13 +316,10 @@ def symmetric_clip_loss(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     that have both modalities only (the others are neither anchors nor candidates; fewer than two
     such rows give 0). Masked, not indexed: no host synchronisation, every row in the graph."""
     logits = scale * a @ b.T
+    if both is not None:
+        return masked_clip_loss(logits, both)
     target = torch.arange(len(a), device=a.device)
-    if both is None:
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    logits = logits.masked_fill(~(both[:, None] & both[None, :]), -1e4)  # |logits| <= 100: exp(-1e4) is 0
-    weight = both.to(logits.dtype)
-    rows = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
-    return 0.5 * (rows * weight).sum() / weight.sum().clamp_min(1.0)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def pair_presence(present: torch.Tensor) -> dict[str, torch.Tensor]:
