@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import h5py
@@ -598,3 +599,35 @@ def test_recipes_and_demo_overlays_resolve(model, tmp_path):
     if model == "astroclip":
         assert published.model.finetune == "heads" and published.model.image_preset == "large"
         assert demo.model.finetune == "full" and demo.model.image_init_from is None
+
+
+# ----------------------------------------------------------------------------- incomplete data
+
+
+def test_incomplete_objects_train_on_complete_pairs_and_embed_what_they_have(tmp_path):
+    """AstroCLIP's contrastive loss needs both modalities; single-modality objects still embed."""
+    import pyarrow.parquet as pq
+
+    from fmb.models import get_family
+    from fmb.train.embed import EmbedOptions, run_embed
+
+    h5 = synth.write(tmp_path / "data", 60, seed=4, image_size=40, missing={"image": 0.3, "spectrum": 0.3})
+    with h5py.File(h5) as handle:
+        no_image = np.concatenate([np.isnan(handle[f"{g}/image"][:]).all((1, 2, 3)) for g in sorted(handle, key=int)])
+        no_spectrum = np.concatenate([np.isnan(handle[f"{g}/spectrum"][:]).all((1, 2)) for g in sorted(handle, key=int)])
+    assert 0 < no_image.sum() < 30 and 0 < no_spectrum.sum() < 30
+    dataset = AstroClipHDF5(str(h5), (0.0, 1.0), crop=32)
+    valid = np.array([bool(dataset[i]["valid"]) for i in range(len(dataset))])
+    assert np.array_equal(valid, ~no_image & ~no_spectrum)
+    run = tmp_path / "run"
+    result = AstroCLIPTrainer(tiny_config(run, h5)).fit()
+    losses = [json.loads(line)["train/loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert result.status == "completed" and losses and all(math.isfinite(x) and x > 0 for x in losses)
+    out = tmp_path / "emb.parquet"
+    run_embed(get_family("astroclip"), run, out, EmbedOptions(device="cpu", batch_size=16))
+    table = pq.read_table(out)
+    order = np.argsort(table.column("object_id").to_numpy())  # targetids were written in object order
+    assert np.array_equal(np.asarray(table.column("embedding_image").is_null())[order], no_image)
+    assert np.array_equal(np.asarray(table.column("embedding_spectrum").is_null())[order], no_spectrum)
+    assert np.array_equal(np.asarray(table.column("embedding_joint").is_null())[order], no_image & no_spectrum)

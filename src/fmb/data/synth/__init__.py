@@ -86,6 +86,12 @@ def missing_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(b"missing")])
 
 
+def missing_rows(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """(n,) bool: which of n objects lack a modality missing at `rate` (for formats without nulls,
+    such as HDF5, where an absent array is written as NaN)."""
+    return rng.random(n) < rate if rate > 0.0 else np.zeros(n, bool)
+
+
 def drop_modalities(table: pa.Table, rates: Mapping[str, float], columns_by_modality: Mapping[str, Sequence[str]],
                     rng: np.random.Generator) -> pa.Table:
     """`table` with every column of a modality null for a random `rates[modality]` share of its rows
@@ -95,7 +101,7 @@ def drop_modalities(table: pa.Table, rates: Mapping[str, float], columns_by_moda
         rate = rates.get(modality, 0.0)
         if rate <= 0.0:
             continue
-        drop = rng.random(table.num_rows) < rate
+        drop = missing_rows(table.num_rows, rate, rng)
         for name in columns:
             index = table.schema.get_field_index(name)
             if index < 0:

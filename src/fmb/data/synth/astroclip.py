@@ -5,6 +5,8 @@ g, r, z flux in nanomaggies (S = 152 as in the real file; smaller for quick runs
 (7781, 1) float32 on the DESI grid, `redshift` float32, `targetid` int64, and the latent truth
 `truth_type` (0 early, 1 late). The galaxies come from fmb.data.synth.galaxies, so one redshift
 drives the colours and size of the image and the lines and continuum of the spectrum.
+`missing={"image": r, "spectrum": r}` writes a share r of the images / spectra as NaN (HDF5 has
+no nulls; fmb reads an all-NaN array as absent).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import h5py
 import numpy as np
 
 from fmb.data.surveys.astroclip import BANDS, FILE_NAME
-from fmb.data.synth import chunk_bounds
+from fmb.data.synth import check_missing, chunk_bounds, missing_rng, missing_rows
 from fmb.data.synth import galaxies as gal
 
 PIXEL_SCALE_ARCSEC = 0.262  # Legacy Survey DR9
@@ -45,9 +47,12 @@ def make_group(n: int, rng: np.random.Generator, image_size: int) -> dict[str, n
     }
 
 
-def write(out_dir: Path, n: int, seed: int, image_size: int = 152, chunk: int = IMAGE_CHUNK) -> Path:
+def write(out_dir: Path, n: int, seed: int, image_size: int = 152, chunk: int = IMAGE_CHUNK,
+          missing: dict[str, float] | None = None) -> Path:
     """Write `n` objects to `out_dir/astroclip_desi.h5` in up to 10 groups, `chunk` at a time; returns
-    the file path."""
+    the file path. `missing`: shares of objects without an image / a spectrum."""
+    rates = check_missing(missing, ("image", "spectrum"), "astroclip")
+    holes = missing_rng(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FILE_NAME
@@ -61,7 +66,10 @@ def write(out_dir: Path, n: int, seed: int, image_size: int = 152, chunk: int = 
         for index, size in enumerate(sizes):
             group = handle.create_group(f"{index}")
             for start, end in chunk_bounds(0, int(size), chunk):
-                for name, values in make_group(end - start, rng, image_size).items():
+                values_of = make_group(end - start, rng, image_size)
+                for name, rate in rates.items():
+                    values_of[name][missing_rows(end - start, rate, holes)] = np.nan
+                for name, values in values_of.items():
                     if name not in group:
                         group.create_dataset(name, shape=(int(size), *values.shape[1:]), dtype=values.dtype,
                                              chunks=(1, *values.shape[1:]) if values.ndim > 1 else None)

@@ -115,12 +115,12 @@ class AstroClipHDF5(_Augmented):
         if spectrum.shape != (self.spectrum_length,):
             raise DataError(f"{self.where(index)}: field 'spectrum' has shape {row['spectrum'].shape}, "
                             f"expected ({self.spectrum_length}, 1)")
-        has_spectrum = bool(np.isfinite(spectrum).any())
+        has_spectrum = bool(np.isfinite(spectrum).any())  # HDF5 has no nulls: an all-NaN spectrum is absent
         targetid = torch.tensor(int(row["targetid"]), dtype=torch.int64)
         item = {
             "spectrum": torch.from_numpy(np.nan_to_num(spectrum.astype(np.float32))),
             "valid": torch.tensor(has_spectrum), "has_spectrum": torch.tensor(has_spectrum),
-            "has_image": torch.tensor(self.images),
+            "has_image": torch.tensor(False),
             "object_id": targetid,
             "targets": {"redshift": torch.tensor(float(row["redshift"]), dtype=torch.float32), "targetid": targetid},
         }
@@ -129,8 +129,11 @@ class AstroClipHDF5(_Augmented):
             if image.ndim != 3 or image.shape[-1] != 3:
                 raise DataError(f"{self.where(index)}: field 'image' has shape {image.shape}, "
                                 "expected (H, W, 3) with bands g, r, z")
+            has_image = bool(np.isfinite(image).any())  # all NaN: absent
             rgb = center_crop(legacy_survey_rgb(np.nan_to_num(image)), self.crop)
-            item["image"] = self.maybe_augment(rgb, index).contiguous()
+            item["image"] = self.maybe_augment(rgb, index).contiguous() if has_image else torch.zeros_like(rgb)
+            item["has_image"] = torch.tensor(has_image)
+            item["valid"] = torch.tensor(has_spectrum and has_image)  # a contrastive pair needs both
         return item
 
 
