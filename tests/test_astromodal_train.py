@@ -123,3 +123,35 @@ def test_exact_resume_with_sampled_reconstruction_positions(tmp_path):
     b = ckpt.read_safetensors(ckpt.latest_checkpoint(tmp_path / "resumed") / ckpt.MODEL_FILE)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_objects_without_image_spectra_or_bands_train_and_embed(tmp_path, monkeypatch, capsys):
+    """More missing than the survey's own gaps: half the cutouts and DESI spectra gone, a fifth of
+    the band magnitudes null; such objects still train (a MISS token, an empty block) and embed."""
+    data, tok, shards = tmp_path / "data", tmp_path / "tok", tmp_path / "tokens"
+    code, _, err = run_cli(monkeypatch, capsys, "data", "synth", "splus", "--out", str(data), "-n", "150",
+                           "--missing", "image=0.5,desi=0.5,photometry=0.2")
+    assert code == 0, err
+    sets = [arg for s in TINY_TOKENIZERS for arg in ("--set", s)]
+    code, _, err = run_cli(monkeypatch, capsys, "tokenize", "fit", "all", "--data", str(data), "--out", str(tok), *sets)
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "tokenize", "encode", "--data", str(data), "--tokenizers", str(tok),
+                           "--out", str(shards))
+    assert code == 0, err
+    scalars = np.fromfile(shards / "scalar.bin", dtype=np.int16).reshape(len(TokenShards(shards)), -1)
+    assert (scalars[:, :12] == -1).mean() > 0.1  # missing band magnitudes reach the tokens as missing
+    cfg = AstromodalConfig()
+    cfg.data.tokenizers, cfg.data.tokens, cfg.data.val_fraction = str(tok), str(shards), 0.2
+    cfg.model.preset, cfg.model.d_model, cfg.model.d_ff, cfg.model.max_len = "tiny", 32, 64, 256
+    cfg.train.out, cfg.train.device, cfg.train.num_workers, cfg.train.progress = str(tmp_path / "run"), "cpu", 0, False
+    cfg.train.batch_size, cfg.train.max_steps, cfg.train.eval_every, cfg.train.log_every = 16, 4, 4, 2
+    assert AstromodalTrainer(cfg).fit().status == "completed"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    out_file = tmp_path / "emb.parquet"
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astromodal", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out_file), "--device", "cpu")
+    assert code == 0, err
+    table = pq.read_table(out_file)
+    vectors = np.stack(table.column("embedding_joint").to_numpy(zero_copy_only=False))
+    assert table.num_rows == len(TokenShards(shards)) and np.isfinite(vectors).all()

@@ -9,6 +9,10 @@ null for most rows. The latent truth is stored as ordinary columns (`truth_class
 The physics is a caricature chosen so that the modalities share information: colours carry
 a 4000 Angstrom break that moves with redshift, DESI spectra carry emission lines at the
 same redshift, cutouts follow the catalogue shape, Gaia fluxes follow the magnitudes.
+
+`missing={modality: rate}` removes more on top of the survey's own incompleteness: `image`
+(the cutouts), `desi`, `gaia_xp`, `gaia` (scalars), `specz`, `vista` for a share of the rows,
+and `photometry`: each band's magnitude and error for a share of the rows, band by band.
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from fmb.data.surveys.splus import (
     VISTA_BANDS,
     XP_COEFFICIENTS,
 )
-from fmb.data.synth import CHUNK, chunk_bounds, write_parquet
+from fmb.data.synth import (
+    CHUNK,
+    check_missing,
+    chunk_bounds,
+    drop_modalities,
+    missing_rng,
+    write_parquet,
+)
 
 # Fractions of rows with each match (the real fields have Gaia ~10%, DESI ~3%, spec-z ~6%;
 # DESI and cutouts are a little more common here so that a small demo sees enough of them).
@@ -42,16 +53,40 @@ P_VISTA = 0.3
 P_MAG_NULL = 0.03
 
 
-def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK) -> Path:
+MISSING = ("image", "desi", "gaia_xp", "gaia", "specz", "vista", "photometry")  # the names `missing` takes
+
+
+def missing_columns(names: list[str]) -> dict[str, list[str]]:
+    """The columns each `missing` modality nulls together (photometry: one group per band)."""
+    groups = {"image": [c for c in names if c.startswith("splus_cut_")],
+              "desi": [c for c in names if c.startswith("desi_")],
+              "gaia_xp": [c for c in names if c.startswith("gaiaxp_")],
+              "gaia": [c for c in names if c.startswith("gaia_")],
+              "specz": [c for c in names if c.startswith("specz_")],
+              "vista": [c for c in names if c.startswith("vista_")]}
+    groups.update({f"photometry_{b}": [f"mag_pstotal_{b}", f"err_mag_pstotal_{b}"] for b in BANDS})
+    return groups
+
+
+def _incomplete(table: pa.Table, rates: dict[str, float], rng: np.random.Generator) -> pa.Table:
+    if not rates:
+        return table
+    per_group = {**rates, **{f"photometry_{b}": rates.get("photometry", 0.0) for b in BANDS}}
+    return drop_modalities(table, per_group, missing_columns(table.column_names), rng)
+
+
+def write(out_dir: Path, n: int, seed: int, chunk: int = CHUNK, missing: dict[str, float] | None = None) -> Path:
     """Write `n` sources spread over a few `datacube_<FIELD>.parquet` files, `chunk` rows at a time;
-    returns the directory."""
+    returns the directory. `missing`: extra shares of absent modalities (see the module docstring)."""
+    rates = check_missing(missing, MISSING, "splus")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng, holes = np.random.default_rng(seed), missing_rng(seed)
     bounds = np.linspace(0, n, min(FIELDS, n) + 1).astype(int)
     for k in range(len(bounds) - 1):
         field = f"SYN{seed % 1000:03d}-{k + 1:04d}"
-        tables = (field_table(field, end - first, rng, first) for first, end in chunk_bounds(0, bounds[k + 1] - bounds[k], chunk))
+        tables = (_incomplete(field_table(field, end - first, rng, first), rates, holes)
+                  for first, end in chunk_bounds(0, bounds[k + 1] - bounds[k], chunk))
         write_parquet(out_dir / f"datacube_{field}.parquet", tables, None, 256)
     return out_dir
 
