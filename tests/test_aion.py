@@ -323,20 +323,26 @@ def test_band_image_nan_resize_crop_and_errors():
     assert valid.all() and flux.shape == (96, 96)  # the NaN corner is outside the centre crop
     with pytest.raises(DataError, match="f.parquet row 3.*smaller than 96"):
         band_image(np.ones((64, 64)), 96, "crop", "f.parquet row 3")
-    with pytest.raises(DataError, match="every pixel is NaN"):
-        band_image(np.full((96, 96), np.nan), 96, "resize", "x")
-    with pytest.raises(DataError, match="null"):
-        band_image(None, 96, "resize", "x")
+    for absent in (np.full((96, 96), np.nan), None):  # an all-NaN or null band is absent, not an error
+        flux, valid = band_image(absent, 96, "resize", "x")
+        assert flux.shape == (96, 96) and not valid.any() and (flux == 0).all()
 
 
-def test_nan_band_in_a_file_names_file_row_and_object(tmp_path):
+def test_missing_bands_are_masked_and_objects_without_any_have_no_image(tmp_path):
     table = synth.make_table(2, 1, 96)
-    bad = pa.array([[[float("nan")] * 96] * 96] * 2, type=table.schema.field("NISP_J_image").type)
-    table = table.set_column(table.schema.get_field_index("NISP_J_image"), "NISP_J_image", bad)
+    nan = pa.array([[[float("nan")] * 96] * 96] * 2, type=table.schema.field("NISP_J_image").type)
+    table = table.set_column(table.schema.get_field_index("NISP_J_image"), "NISP_J_image", nan)
+    for column in ("VIS_image", "NISP_Y_image", "NISP_H_image"):  # object 1 has no band at all
+        values = table.column(column).to_pylist()
+        values[1] = None
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.schema.field(column).type))
     pq.write_table(table, tmp_path / "bad.parquet")
     rows = open_split(str(tmp_path / "bad.parquet"), "test", COLUMNS, None, 0.0, 0)
-    with pytest.raises(DataError, match=r"bad.parquet row 0, column NISP_J_image, object_id \d+: every pixel"):
-        EuclidBands(rows)[0]
+    first, second = EuclidBands(rows)[0], EuclidBands(rows)[1]
+    assert first["has_image"] and not first["valid"][2].any() and first["valid"][0].all()
+    assert not second["has_image"] and not second["valid"].any()
+    with pytest.raises(DataError, match=r"bad.parquet row 0, column VIS_image, object_id \d+: expected a 2-D"):
+        band_image(np.ones(5), 96, "resize", "bad.parquet row 0, column VIS_image, object_id 7")
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -533,3 +539,37 @@ def test_grid_pool_keeps_mean_and_spread():
     assert pooled.shape == (2, 2) and pooled.dtype == torch.float32
     assert torch.allclose(pooled[:, 0], torch.tensor([1.0, 1.0]))  # the mean alone cannot tell them apart
     assert pooled[0, 1] > 1.5 and pooled[1, 1] == 0.0  # the spread can
+
+
+def test_objects_without_bands_or_spectra_train_and_embed(monkeypatch, capsys, tmp_path):
+    """Incomplete Euclid + DESI rows: no image at all, a missing band, no spectrum, or neither."""
+    from fmb.data.synth import null_rows
+
+    data = tmp_path / "data"
+    synth.write(data, 24, seed=6, image_size=96)
+    for file in sorted((data / "data").glob("*.parquet")):
+        table = pq.read_table(file)
+        n = table.num_rows
+        no_image, no_j, no_spectrum = np.arange(n) % 3 == 0, np.arange(n) % 3 == 1, np.arange(n) % 2 == 0
+        table = null_rows(null_rows(table, list(COLUMNS[1:]), no_image), ["NISP_J_image"], no_j)
+        pq.write_table(null_rows(table, ["spectrum"], no_spectrum), file)
+    run = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "3",
+                           "--no-progress", "--set", f"data.path={data}", "--set", "train.batch_size=4",
+                           "--set", "train.eval_every=3", "--set", "model.codec.shape.hidden_dims=8",
+                           "--set", "data.sample_grid=0", "--set", "model.codec.standin_steps=0")
+    assert code == 0, err
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    out = tmp_path / "emb.parquet"
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
+                           "--split", "test", "--batch-size", "4")
+    assert code == 0, err
+    table = pq.read_table(out)
+    source = pq.read_table(data / "data" / "test-00000-of-00001.parquet", columns=["object_id", "VIS_image", "spectrum"])
+    assert table.column("object_id").to_pylist() == source.column("object_id").to_pylist()
+    no_image = np.asarray(source.column("VIS_image").is_null())
+    no_spectrum = np.asarray(source.column("spectrum").is_null())
+    assert np.array_equal(np.asarray(table.column("embedding_image").is_null()), no_image)
+    assert np.array_equal(np.asarray(table.column("embedding_spectrum").is_null()), no_spectrum)
+    assert np.array_equal(np.asarray(table.column("embedding_joint").is_null()), no_image & no_spectrum)

@@ -139,6 +139,7 @@ def test_embedder_without_spectrum_all_masked_and_nan_flux(standin_dir):
     bad = torch.zeros(4, 7781, dtype=torch.bool)
     bad[2, :3000] = True
     batch = {"euclid": torch.rand(4, 4, 96, 96) * 0.1, "has_spectrum": torch.tensor([True, False, True, False]),
+             "has_image": torch.ones(4, dtype=torch.bool),
              "spectrum_flux": torch.nan_to_num(flux), "spectrum_ivar": torch.ones(4, 7781), "spectrum_bad": bad}
     embedder = AionEmbedder(adapters, aion, AionEmbedSettings(num_encoder_tokens=600), torch.device("cpu"))
     with torch.no_grad():
@@ -156,6 +157,14 @@ def test_embedder_without_spectrum_all_masked_and_nan_flux(standin_dir):
         vectors, present = embedder(nobody)
     assert not present["spectrum"].any()
     torch.testing.assert_close(vectors["joint"], vectors["image"], rtol=0, atol=1e-5)
+    # No Euclid image: the joint embedding is the spectrum alone; with neither, it is null.
+    imageless = {**batch, "has_image": torch.tensor([False, False, True, True])}
+    with torch.no_grad():
+        vectors, present = embedder(imageless)
+    assert present["image"].tolist() == [False, False, True, True]
+    assert present["joint"].tolist() == [True, False, True, True]
+    torch.testing.assert_close(vectors["joint"][0], vectors["spectrum"][0], rtol=0, atol=1e-5)
+    assert all(torch.isfinite(v).all() for v in vectors.values())
 
 
 def test_embedding_needs_a_transformer_or_says_where_to_put_it(tmp_path, monkeypatch):

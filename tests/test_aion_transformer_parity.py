@@ -184,7 +184,7 @@ def test_embedder_matches_upstream_per_object(pair):
     adapters = AionAdapters(codec.eval(), depth=1, hidden=4).eval()
     flux, ivar, bad = spectra(3, 2)
     has = torch.tensor([True, False, True])
-    batch = {"euclid": torch.rand(3, 4, 96, 96) * 0.05, "has_spectrum": has,
+    batch = {"euclid": torch.rand(3, 4, 96, 96) * 0.05, "has_spectrum": has, "has_image": torch.ones(3, dtype=torch.bool),
              "spectrum_flux": flux, "spectrum_ivar": ivar, "spectrum_bad": bad}
     settings = AionEmbedSettings(num_encoder_tokens=600, codec_latents=True)
     with torch.no_grad():

@@ -101,14 +101,17 @@ def drop_modalities(table: pa.Table, rates: Mapping[str, float], columns_by_moda
         rate = rates.get(modality, 0.0)
         if rate <= 0.0:
             continue
-        drop = missing_rows(table.num_rows, rate, rng)
-        for name in columns:
-            index = table.schema.get_field_index(name)
-            if index < 0:
-                continue
-            column = table.column(index).combine_chunks()
-            nulled = pc.if_else(pa.array(drop), pa.nulls(len(column), column.type), column)
-            table = table.set_column(index, table.schema.field(index), nulled)
+        table = null_rows(table, [c for c in columns if c in table.column_names], missing_rows(table.num_rows, rate, rng))
+    return table
+
+
+def null_rows(table: pa.Table, columns: Sequence[str], rows: np.ndarray) -> pa.Table:
+    """`table` with `columns` null in the rows where `rows` (bool) is True."""
+    drop = pa.array(np.asarray(rows, bool))
+    for name in columns:
+        index = table.schema.get_field_index(name)
+        column = table.column(index).combine_chunks()
+        table = table.set_column(index, table.schema.field(index), pc.if_else(drop, pa.nulls(len(column), column.type), column))
     return table
 
 

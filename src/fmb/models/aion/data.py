@@ -4,7 +4,9 @@
 Per band: the 2-D array is multiplied by ZP_nu / 3631 (fmb.data.surveys.euclid_desi.EUCLID_ZERO_POINTS),
 non-finite pixels become 0 and are masked out of the loss, and the cutout is brought to 96 x 96
 (`resize`: antialiased bilinear, any input size; `crop`: centre crop, inputs must be >= 96). A band
-that is missing or entirely non-finite is an error naming the file, row, column and object.
+that is null or entirely non-finite is absent: zeros, masked out of the loss (an object with no band
+at all contributes nothing, and embeds without an image: `has_image` False). A band that is not a
+2-D array is an error naming the file, row, column and object.
 
 Spectra: flux with NaN -> 0, inverse variance 1 / error^2 (0 where the error is not positive and finite),
 and a bad-pixel mask (non-finite flux or zero inverse variance) on the DESI grid. A row without a
@@ -42,9 +44,10 @@ Fit = Literal["resize", "crop"]
 
 
 def band_image(values: object, size: int, fit: Fit, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One band's 2-D array -> (size, size) flux with NaN -> 0, and its validity mask."""
+    """One band's 2-D array -> (size, size) flux with NaN -> 0, and its validity mask (all False for a
+    null or entirely non-finite band: absent)."""
     if values is None:
-        raise DataError(f"{where}: the band is null")
+        return torch.zeros(size, size), torch.zeros(size, size, dtype=torch.bool)
     if isinstance(values, list):  # rows of different lengths come back as a list
         raise DataError(f"{where}: the band is not a rectangular 2-D array")
     array = np.asarray(values, dtype=np.float32)
@@ -52,7 +55,7 @@ def band_image(values: object, size: int, fit: Fit, where: str) -> tuple[torch.T
         raise DataError(f"{where}: expected a 2-D image, got shape {array.shape}")
     valid = np.isfinite(array)
     if not valid.any():
-        raise DataError(f"{where}: every pixel is NaN or infinite")
+        return torch.zeros(size, size), torch.zeros(size, size, dtype=torch.bool)
     image = torch.from_numpy(np.where(valid, array, 0.0).astype(np.float32))
     mask = torch.from_numpy(valid.astype(np.float32))
     height, width = image.shape
@@ -92,8 +95,9 @@ class EuclidBands(Dataset):
             image, mask = band_image(row[column], self.size, self.fit, where)
             images.append(image * factor)
             masks.append(mask)
+        valid = torch.stack(masks)
         return {"object_id": torch.tensor(object_id, dtype=torch.int64), "euclid": torch.stack(images),
-                "valid": torch.stack(masks), "targets": scalar_values(row, self.extra_columns)}
+                "valid": valid, "has_image": valid.any(), "targets": scalar_values(row, self.extra_columns)}
 
 
 def desi_spectrum(value: dict | None, resample: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -80,6 +80,7 @@ class AionEmbedder:
         vectors, present = {}, {}
         if self.settings.codec_latents:
             vectors["image_codec"], vectors["image_codec_encoder"] = grid_pool(latents), grid_pool(features)
+            present["image_codec"] = present["image_codec_encoder"] = batch["has_image"]
         self.predictions = {}
         if self.aion is not None:
             self.encode(codec.quantizer.indices(latents).flatten(1), batch, vectors, present)
@@ -88,7 +89,9 @@ class AionEmbedder:
     def encode(self, image: torch.Tensor, batch: dict, vectors: dict, present: dict) -> None:
         transformer, budget = self.aion.transformer, self.settings.num_encoder_tokens
         B = image.shape[0]
+        has_image = batch["has_image"]
         vectors["image"] = transformer.encode({IMAGE_HSC: image}, budget=budget).mean()
+        present["image"] = has_image
         if not self.spectra:
             return
         has = batch["has_spectrum"]
@@ -101,8 +104,13 @@ class AionEmbedder:
             alone = transformer.encode({SPECTRUM_DESI: spectrum[rows]}, budget=budget).mean()
             vectors["spectrum"] = vectors["spectrum"].index_copy(0, rows, alone)
         present["spectrum"] = has
-        masks = None if has.all() else {SPECTRUM_DESI: (~has)[:, None].expand_as(spectrum)}
-        joint = transformer.encode({IMAGE_HSC: image, SPECTRUM_DESI: spectrum}, masks, budget)
+        # The joint embedding from what each object has (an object with neither: unmasked, and null).
+        either = has_image | has
+        masks = {name: (either & ~present_rows)[:, None].expand_as(ids)
+                 for name, present_rows, ids in ((IMAGE_HSC, has_image, image), (SPECTRUM_DESI, has, spectrum))
+                 if not present_rows.all()}
+        joint = transformer.encode({IMAGE_HSC: image, SPECTRUM_DESI: spectrum}, masks or None, budget)
+        present["joint"] = either
         vectors["joint"] = joint.mean()
         if self.redshift:
             logits = transformer.predict(joint, [REDSHIFT])[REDSHIFT][:, 0]
