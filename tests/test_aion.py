@@ -544,32 +544,15 @@ def test_grid_pool_keeps_mean_and_spread():
 def test_objects_without_bands_or_spectra_train_and_embed(monkeypatch, capsys, tmp_path):
     """Incomplete Euclid + DESI rows: no image at all, a missing band, no spectrum, or neither."""
     from fmb.data.synth import null_rows
+    from tests.incomplete import assert_nulls_follow_the_data, retrain_and_embed, write_incomplete
 
     data = tmp_path / "data"
-    synth.write(data, 24, seed=6, image_size=96)
-    for file in sorted((data / "data").glob("*.parquet")):
+    write_incomplete(data, 24, 96, list(COLUMNS[1:]))
+    for file in sorted((data / "data").glob("*.parquet")):  # and one band missing for others
         table = pq.read_table(file)
-        n = table.num_rows
-        no_image, no_j, no_spectrum = np.arange(n) % 3 == 0, np.arange(n) % 3 == 1, np.arange(n) % 2 == 0
-        table = null_rows(null_rows(table, list(COLUMNS[1:]), no_image), ["NISP_J_image"], no_j)
-        pq.write_table(null_rows(table, ["spectrum"], no_spectrum), file)
-    run = tmp_path / "run"
-    code, _, err = run_cli(monkeypatch, capsys, "retrain", "aion", "--demo", "--out", str(run), "--max-steps", "3",
-                           "--no-progress", "--set", f"data.path={data}", "--set", "train.batch_size=4",
-                           "--set", "train.eval_every=3", "--set", "model.codec.shape.hidden_dims=8",
-                           "--set", "data.sample_grid=0", "--set", "model.codec.standin_steps=0")
-    assert code == 0, err
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
-    out = tmp_path / "emb.parquet"
-    code, _, err = run_cli(monkeypatch, capsys, "embed", "aion", "--checkpoint", str(run), "--out", str(out),
-                           "--split", "test", "--batch-size", "4")
-    assert code == 0, err
-    table = pq.read_table(out)
-    source = pq.read_table(data / "data" / "test-00000-of-00001.parquet", columns=["object_id", "VIS_image", "spectrum"])
-    assert table.column("object_id").to_pylist() == source.column("object_id").to_pylist()
-    no_image = np.asarray(source.column("VIS_image").is_null())
-    no_spectrum = np.asarray(source.column("spectrum").is_null())
-    assert np.array_equal(np.asarray(table.column("embedding_image").is_null()), no_image)
-    assert np.array_equal(np.asarray(table.column("embedding_spectrum").is_null()), no_spectrum)
-    assert np.array_equal(np.asarray(table.column("embedding_joint").is_null()), no_image & no_spectrum)
+        pq.write_table(null_rows(table, ["NISP_J_image"], np.arange(table.num_rows) % 3 == 1), file)
+    out = retrain_and_embed(monkeypatch, capsys, "aion", tmp_path, [
+        "--max-steps", "3", "--set", f"data.path={data}", "--set", "train.batch_size=4", "--set", "train.eval_every=3",
+        "--set", "model.codec.shape.hidden_dims=8", "--set", "data.sample_grid=0", "--set", "model.codec.standin_steps=0"],
+        ["--batch-size", "4"])
+    assert_nulls_follow_the_data(out, data, "VIS_image")

@@ -488,31 +488,11 @@ def test_fine_tune_from_a_converted_upstream_checkpoint(monkeypatch, capsys, tmp
 
 def test_objects_without_image_or_spectrum_train_and_embed(monkeypatch, capsys, tmp_path):
     """The missing modality contributes nothing (its tokens are masked) and its column is null."""
-    from fmb.data.synth import null_rows
+    from tests.incomplete import assert_nulls_follow_the_data, retrain_and_embed, write_incomplete
 
     data = tmp_path / "data"
-    synth.write(data, 40, seed=7, image_size=32)
-    for file in sorted((data / "data").glob("*.parquet")):
-        table = pq.read_table(file)
-        rows = np.arange(table.num_rows)
-        pq.write_table(null_rows(null_rows(table, ["RGB_image"], rows % 3 == 0), ["spectrum"], rows % 2 == 0), file)
-    run = tmp_path / "run"
-    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "4",
-                           "--no-progress", "--set", f"data.path={data}", "--set", "data.image_size=32",
-                           "--set", "train.eval_every=4", "--set", "train.num_workers=0", "--set", "model.n_layer=1")
-    assert code == 0, err
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
-    out = tmp_path / "emb.parquet"
-    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
-                           "--split", "test", "--batch-size", "8")
-    assert code == 0, err
-    table = pq.read_table(out)
-    source = pq.read_table(data / "data" / "test-00000-of-00001.parquet", columns=["object_id", "RGB_image", "spectrum"])
-    order = [source.column("object_id").to_pylist().index(i) for i in table.column("object_id").to_pylist()]
-    no_image = np.asarray(source.column("RGB_image").is_null())[order]
-    no_spectrum = np.asarray(source.column("spectrum").is_null())[order]
-    assert no_image.any() and no_spectrum.any()
-    assert np.array_equal(np.asarray(table.column("embedding_image").is_null()), no_image)
-    assert np.array_equal(np.asarray(table.column("embedding_spectrum").is_null()), no_spectrum)
-    assert np.array_equal(np.asarray(table.column("embedding_joint").is_null()), no_image & no_spectrum)
+    write_incomplete(data, 40, 32, ["RGB_image"], seed=7)
+    out = retrain_and_embed(monkeypatch, capsys, "astropt", tmp_path, [
+        "--max-steps", "4", "--set", f"data.path={data}", "--set", "data.image_size=32", "--set", "train.eval_every=4",
+        "--set", "train.num_workers=0", "--set", "model.n_layer=1"], ["--batch-size", "8"])
+    assert_nulls_follow_the_data(out, data, "RGB_image")
