@@ -13,16 +13,11 @@ from fmb import cli
 from fmb.embeddings import load_embeddings
 from fmb.errors import DataError
 from fmb.evaluation import anomaly
-from fmb.evaluation.probes import (
-    cross_validate,
-    knn_predict,
-    macro_f1,
-    redshift_scores,
-    retrieval_topk,
-    ridge_predict,
-)
 from fmb.evaluation.run import detect, evaluate
 from tests.extras import need
+
+need("sklearn")
+from fmb.evaluation.probes import cross_validate, fit_predict, make_folds, retrieval_ranks  # noqa: E402
 
 
 def planted(n=300, d=12, seed=0):
@@ -44,48 +39,53 @@ def write_file(path, ids, columns, **targets):
     return path
 
 
-def test_metrics_on_hand_computed_cases():
-    z = np.array([0.1, 0.5, 1.0, 2.0])
-    pred = np.array([0.1, 0.6, 1.0, 3.0])
-    scores = redshift_scores(z, pred)
-    dz = (pred - z) / (1 + z)  # 0, 0.0667, 0, 0.3333
-    assert scores["outlier_frac"] == 0.25
-    assert scores["nmad"] == pytest.approx(1.4826 * np.median(np.abs(dz - np.median(dz))))
-    y, p = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
-    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: 0
-    assert macro_f1(y, p) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
-
-
 def test_probes_recover_a_planted_linear_target():
     x, z, _ = planted()
     train, test = np.arange(240), np.arange(240, 300)
-    pred = ridge_predict(x[train], z[train], x[test])
+    pred = fit_predict("linear", False, x[train], z[train], x[test])
     assert np.corrcoef(pred, z[test])[0, 1] > 0.99
-    results = {r.probe: r.metrics["r2"] for r in cross_validate(x, z, False, "redshift", folds=4, fractions=(1.0,), k=16)}
-    assert results["linear"] > 0.98 and results["mlp"] > 0.8 and results["knn"] > 0.5
+    folds = make_folds(len(x), 4, seed=0)
+    results = {r.probe: r.metrics["r2"] for r in cross_validate(x, z, "redshift", folds, fractions=(1.0,), k=16)}
+    assert results["linear"].value > 0.98 and results["mlp"].value > 0.8 and results["knn"].value > 0.5
+    assert all(r.low < r.value < r.high for r in results.values())  # a 95% interval around each figure
     noise = np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)
-    baseline = {r.probe: r.metrics["r2"] for r in cross_validate(noise, z, False, "redshift", folds=4, fractions=(1.0,), k=16)}
+    baseline = {r.probe: r.metrics["r2"].value for r in cross_validate(noise, z, "redshift", folds, fractions=(1.0,), k=16)}
     assert all(v < 0.2 for v in baseline.values())
 
 
 def test_classification_and_few_shot_curve():
     x, _, labels = planted(n=400)
-    results = cross_validate(x, labels, True, "class", folds=4, fractions=(0.05, 1.0), k=16, probes=("knn", "linear"))
-    by = {(r.probe, r.fraction): r.metrics["accuracy"] for r in results}
+    folds = make_folds(len(x), 4, seed=0, classes=labels)
+    results = cross_validate(x, labels, "classification", folds, fractions=(0.05, 1.0), k=16, probes=("knn", "linear"))
+    by = {(r.probe, r.fraction): r.metrics["accuracy"].value for r in results}
     assert by[("linear", 1.0)] > 0.8 and by[("knn", 1.0)] > 0.6  # chance is 0.25
     assert by[("linear", 0.05)] < by[("linear", 1.0)]
-    assert knn_predict(x[:200], labels[:200], x[200:], k=5, classify=True).dtype == labels.dtype
+    assert fit_predict("knn", True, x[:200], labels[:200], x[200:], k=5).dtype == labels.dtype
     names = np.array(["EW", "SR", "EA", "RRAB"], dtype=object)[labels]  # string classes, as AstroM3 writes them
-    results = cross_validate(x, names, True, "label", folds=4, fractions=(1.0,), k=16, probes=("knn", "linear"))
-    assert all(r.metrics["accuracy"] > 0.6 for r in results)
+    results = cross_validate(x, names, "classification", folds, fractions=(1.0,), k=16, probes=("knn", "linear"))
+    assert all(r.metrics["accuracy"].value > 0.6 for r in results)
+    assert results[0].confusion.sum() == len(x) and list(results[0].classes) == ["EA", "EW", "RRAB", "SR"]
+
+
+def test_a_class_with_one_member_and_single_class_folds_are_handled(caplog):
+    x, _, labels = planted(n=120)
+    labels = labels.copy()
+    labels[0] = 9  # one object of its own class: folds cannot be stratified
+    with caplog.at_level("INFO", logger="fmb"):
+        folds = make_folds(len(x), 5, seed=0, classes=labels)
+    assert "has 1 member(s), fewer than 5 folds" in caplog.text
+    results = cross_validate(x, labels, "classification", folds, fractions=(0.02, 1.0), k=8, probes=("linear", "mlp"))
+    assert all(0 <= r.metrics["accuracy"].value <= 1 for r in results)
+    # 2 training labels of one class (a 2% subset): the probe predicts that class
+    assert len(np.unique(fit_predict("linear", True, x[:2], np.array([1, 1]), x[2:10]))) == 1
 
 
 def test_retrieval_is_perfect_on_identical_and_chance_on_shuffled():
     x, _, _ = planted(n=500)
-    assert retrieval_topk(x, x) == {"top1": 1.0, "top5": 1.0}
+    assert (retrieval_ranks(x, x) == 0).all()
     shuffled = x[np.random.default_rng(1).permutation(len(x))]
-    chance = retrieval_topk(x, shuffled)
-    assert chance["top1"] < 0.02 and chance["top5"] < 0.04
+    ranks = retrieval_ranks(x, shuffled)
+    assert np.mean(ranks < 1) < 0.02 and np.mean(ranks < 5) < 0.04
 
 
 def test_evaluate_joins_on_object_id_and_counts_exclusions(tmp_path, caplog):
@@ -179,17 +179,6 @@ def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
     assert info.value.code == 0 and (tmp_path / "an.csv").read_text().startswith('"object_id"')
 
 
-def test_pca_recovers_a_planted_plane():
-    from fmb.evaluation.probes import pca_2d
-
-    rng = np.random.default_rng(0)
-    plane = rng.standard_normal((200, 2)) * [5.0, 3.0]
-    x = np.concatenate([plane, 0.01 * rng.standard_normal((200, 6))], axis=1) @ np.linalg.qr(rng.standard_normal((8, 8)))[0]
-    xy = pca_2d(x)
-    assert abs(np.corrcoef(xy[:, 0], plane[:, 0])[0, 1]) > 0.99  # the wider axis first (sign is arbitrary)
-    assert abs(np.corrcoef(xy[:, 1], plane[:, 1])[0, 1]) > 0.99
-
-
 def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
     need("matplotlib")
     x, z, labels = planted(n=120)
@@ -202,8 +191,9 @@ def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):
         cli.main()
     assert info.value.code == 0, capsys.readouterr().err
     written = {p.name for p in (tmp_path / "ev" / "plots").glob("*.png")}
-    assert {"m__image__redshift__pca.png", "m__image__redshift__few_shot.png", "m__image__klass__pca.png",
-            "m__image__to__spectrum__retrieval.png"} <= written
+    assert {"m__image__redshift__pca.png", "m__image__redshift__umap.png", "m__image__redshift__few_shot.png",
+            "m__image__klass__pca.png", "m__image__to__spectrum__retrieval.png"} <= written
+    assert any(name.startswith("m__image__klass__") and name.endswith("_confusion.png") for name in written)
     assert any(name.startswith("m__image__redshift__") and name.endswith("_scatter.png") for name in written)
     assert all((tmp_path / "ev" / "plots" / n).read_bytes().startswith(b"\x89PNG") for n in written)
 
@@ -217,6 +207,7 @@ def test_a_models_own_prediction_column_is_scored_zero_shot(tmp_path):
     base = write_file(tmp_path / "ra.parquet", np.arange(60), {"image": x}, redshift=z, aion_redshift=bad)
     rows = evaluate([str(a)], ["redshift"], [str(base)], folds=3, fractions=(1.0,), k=8, probes=("knn",))
     zero_shot = {r["metric"]: r for r in rows if r["probe"] == "zero-shot"}
-    assert set(zero_shot) == {"r2", "nmad", "outlier_frac"} and zero_shot["r2"]["embedding"] == "aion_redshift"
+    assert set(zero_shot) == {"r2", "rmse", "mae", "bias", "nmad", "sigma_68", "outlier_frac"}
+    assert zero_shot["r2"]["embedding"] == "aion_redshift"
     assert zero_shot["r2"]["value"] > 0.9 and abs(zero_shot["r2"]["baseline"]) < 0.1
     assert zero_shot["r2"]["n"] == 56 and zero_shot["r2"]["excluded"] == 4 and zero_shot["r2"]["labels"] == 0.0

@@ -284,22 +284,33 @@ def evaluate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for results.csv and results.md.")] = Path("evaluation"),
     baseline: Annotated[list[Path], typer.Option(help="Random-init embeddings, one per file, same order (repeatable).")] = None,
     classify: Annotated[list[str], typer.Option(help="Treat this target as classes (repeatable; auto for non-float columns).")] = None,
+    catalog: Annotated[Path | None, typer.Option(help="Catalogue with the targets: FITS, parquet or CSV, joined on object id.")] = None,
+    id_column: Annotated[str, typer.Option(help="The catalogue's object id column.")] = "object_id",
+    map_: Annotated[list[str], typer.Option("--map", help="target=COLUMN of the catalogue (repeatable), e.g. mass=LOGM.")] = None,
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     k: Annotated[int, typer.Option(help="Neighbours of the kNN probe.")] = 64,
     fractions: Annotated[str, typer.Option(help="Label fractions for few-shot curves, comma-separated.")] = "0.01,0.1,1.0",
     probes: Annotated[str, typer.Option(help="Probes, comma-separated: knn, linear, mlp.")] = "knn,linear,mlp",
+    outlier: Annotated[float, typer.Option(help="Catastrophic redshift outlier: |dz|/(1+z) above this.")] = 0.15,
     plots: Annotated[bool, typer.Option("--plots", help="Also write figures to OUT/plots (needs the plots extra).")] = False,
 ) -> None:
-    """Score what embeddings know: kNN / linear / MLP probes (k-fold), retrieval, few-shot, vs baselines."""
+    """Score what embeddings know: kNN / linear / MLP probes (k-fold), retrieval, few-shot, vs baselines,
+    each figure with its 95% bootstrap interval."""
+    from fmb.errors import ConfigError
+    from fmb.evaluation.catalog import parse_mapping, read_catalog
     from fmb.evaluation.run import evaluate as run_evaluate
     from fmb.evaluation.run import markdown_table, write_tables
 
+    mapping = parse_mapping(map_ or [])
+    if mapping and catalog is None:
+        raise ConfigError("--map names catalogue columns: give the catalogue with --catalog FILE")
+    table = read_catalog(catalog, id_column, mapping) if catalog else None
     rows = run_evaluate([str(p) for p in embeddings], target, [str(p) for p in baseline or []] or None, classify,
                         folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")),
-                        plot_dir=out / "plots" if plots else None)
+                        plot_dir=out / "plots" if plots else None, catalog=table, threshold=outlier)
     csv_path, md_path = write_tables(rows, out)
     typer.echo(markdown_table(rows), nl=False)
-    typer.echo(f"wrote {csv_path} and {md_path}")
+    typer.echo(f"wrote {csv_path} and {md_path}" + (f" and figures in {out / 'plots'}" if plots else ""))
 
 
 @app.command()

@@ -1,9 +1,11 @@
-"""Figures for `fmb evaluate --plots` (the optional `plots` extra: matplotlib, imported here only).
+"""Figures of `fmb evaluate --plots` and `fmb benchmark` (matplotlib: the `plots` extra; UMAP: umap-learn, `eval`).
 
-Per model, embedding and target: a PCA projection coloured by the target and, for regression
-targets, the kNN probe's out-of-fold predictions against the truth; per target: few-shot
-curves of every probe with the random-init baseline dashed; per modality pair: retrieval
-top-k curves.
+Per model, embedding and target: PCA and UMAP projections coloured by the target; the best
+probe's out-of-fold predictions against the truth with the 1:1 line (and, for redshift, the
+catastrophic-outlier bounds); for classes the confusion matrix. Per target: few-shot curves of
+every probe with their 95% intervals and the random-init baseline dashed. Per modality pair:
+retrieval top-k against chance. Per embedding with images: a thumbnail grid at UMAP positions.
+Every function writes one PNG and returns its path.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from fmb.errors import ConfigError
-from fmb.evaluation.probes import pca_2d, retrieval_topk
+
+MAX_POINTS = 5000  # a projection of more objects draws a random subset of this size
 
 
 def _pyplot() -> Any:
@@ -24,13 +27,37 @@ def _pyplot() -> Any:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--plots needs matplotlib: pip install 'fmb[plots]'") from None
+        raise ConfigError("figures need matplotlib: pip install 'fmb[plots]'") from None
     return plt
 
 
-def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path) -> Path:
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=2, svd_solver="full").fit_transform(np.asarray(x, np.float64))
+
+
+def umap_2d(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """UMAP in cosine geometry (the geometry of the kNN probe)."""
+    try:
+        import umap
+    except ImportError:
+        raise ConfigError("UMAP projections need umap-learn: pip install 'fmb[eval]'") from None
+    neighbours = min(15, len(x) - 1)
+    reducer = umap.UMAP(n_neighbors=neighbours, min_dist=0.1, metric="cosine", random_state=seed, n_jobs=1)
+    return reducer.fit_transform(np.asarray(x, np.float32))
+
+
+def _subset(n: int, seed: int = 0) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, MAX_POINTS, replace=False)) if n > MAX_POINTS else np.arange(n)
+
+
+def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path, method: str = "pca", seed: int = 0) -> Path:
+    """The rows of x in 2-d (PCA or UMAP), coloured by y (a colour bar for numbers, a legend for classes)."""
     plt = _pyplot()
-    xy = pca_2d(x.astype(np.float64))
+    rows = _subset(len(x), seed)
+    x, y = x[rows], y[rows]
+    xy = pca_2d(x) if method == "pca" else umap_2d(x, seed)
     fig, ax = plt.subplots(figsize=(5, 4.5))
     if y.dtype.kind in "fiu":
         points = ax.scatter(xy[:, 0], xy[:, 1], c=y.astype(float), s=6, cmap="viridis")
@@ -40,27 +67,61 @@ def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path) -> Path:
             keep = y.astype(str) == label
             ax.scatter(xy[keep, 0], xy[keep, 1], s=6, label=label)
         ax.legend(fontsize=6, markerscale=2)
-    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    axis = "PC" if method == "pca" else "UMAP"
+    ax.set(title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
     return _save(fig, plt, path)
 
 
-def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path) -> Path:
+def thumbnail_grid(xy: np.ndarray, images: list[np.ndarray | None], title: str, path: Path, cells: int = 16) -> Path:
+    """Images at their 2-d positions: the plane cut into cells x cells, one object drawn per occupied cell
+    (the one nearest the cell's centre). `images`: (h, w, 3) floats in [0, 1], or None where absent."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7))
+    low, high = xy.min(0), xy.max(0)
+    span = np.where(high > low, high - low, 1.0)
+    cell = np.minimum(((xy - low) / span * cells).astype(int), cells - 1)
+    centre = (cell + 0.5) / cells * span + low
+    distance = np.linalg.norm((xy - centre) / span, axis=1)
+    shown: dict[tuple[int, int], int] = {}
+    for row in np.argsort(distance):
+        key = (int(cell[row, 0]), int(cell[row, 1]))
+        if images[row] is not None and key not in shown:
+            shown[key] = int(row)
+    for (i, j), row in shown.items():
+        ax.imshow(np.clip(images[row], 0, 1), extent=(i, i + 1, j, j + 1), origin="upper", interpolation="nearest")
+    ax.set(xlim=(0, cells), ylim=(0, cells), title=title, xticks=[], yticks=[])
+    ax.set_aspect("equal")
+    return _save(fig, plt, path)
+
+
+def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, outlier: float | None = None) -> Path:
+    """Out-of-fold predictions against the truth, the 1:1 line, and for redshift the |dz|/(1+z) bounds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(y, pred, s=5, alpha=0.6)
     low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
-    ax.plot([low, high], [low, high], color="black", linewidth=0.8)
-    ax.set(title=title, xlabel="true", ylabel="predicted (out of fold)")
+    line = np.linspace(low, high, 50)
+    ax.plot(line, line, color="black", linewidth=0.8, label="1:1")
+    if outlier is not None:
+        for sign in (1, -1):
+            ax.plot(line, line + sign * outlier * (1 + line), color="red", linestyle="--", linewidth=0.7,
+                    label=f"|dz|/(1+z) = {outlier:g}" if sign == 1 else None)
+        ax.legend(fontsize=7)
+    ax.set(title=title, xlabel="true", ylabel="predicted (out of fold)", xlim=(low, high), ylim=(low, high))
     return _save(fig, plt, path)
 
 
 def few_shot(rows: list[dict], metric: str, title: str, path: Path) -> Path:
+    """Metric against the fraction of labels, per probe, with its 95% interval; the random-init baseline dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for probe in sorted({r["probe"] for r in rows}):
         mine = sorted((r for r in rows if r["probe"] == probe and r["metric"] == metric), key=lambda r: r["labels"])
+        if not mine:
+            continue
         fractions = [r["labels"] for r in mine]
         line = ax.plot(fractions, [r["value"] for r in mine], marker="o", label=probe)[0]
+        ax.fill_between(fractions, [r["low"] for r in mine], [r["high"] for r in mine], color=line.get_color(), alpha=0.2)
         if all(r["baseline"] is not None for r in mine):
             ax.plot(fractions, [r["baseline"] for r in mine], linestyle="--", color=line.get_color(),
                     label=f"{probe} (random init)")
@@ -69,21 +130,57 @@ def few_shot(rows: list[dict], metric: str, title: str, path: Path) -> Path:
     return _save(fig, plt, path)
 
 
-def retrieval_curve(a: np.ndarray, b: np.ndarray, title: str, path: Path) -> Path:
+def confusion(matrix: np.ndarray, classes: np.ndarray, title: str, path: Path) -> Path:
+    """Row-normalised confusion matrix (truth along rows), counts written in the cells."""
     plt = _pyplot()
-    ks = tuple(k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(a))
-    scores = retrieval_topk(a, b, ks)
+    size = max(3.5, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    names = [str(c) for c in classes]
+    ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(names)), yticks=range(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    return _save(fig, plt, path)
+
+
+def retrieval_curve(ranks: np.ndarray, title: str, path: Path) -> Path:
+    """Top-k retrieval accuracy against k (from each query's rank, 0 = first), with chance dotted."""
+    plt = _pyplot()
+    ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(ranks)]
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(ks, [scores[f"top{k}"] for k in ks], marker="o", label="retrieval")
-    ax.plot(ks, [k / len(a) for k in ks], linestyle=":", color="grey", label="chance")
+    ax.plot(ks, [float(np.mean(ranks < k)) for k in ks], marker="o", label="retrieval")
+    ax.plot(ks, [k / len(ranks) for k in ks], linestyle=":", color="grey", label="chance")
     ax.set(title=title, xlabel="k", ylabel="top-k accuracy", xscale="log")
     ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def similarity_matrices(names: list[str], cka: np.ndarray, mutual_knn: np.ndarray, path: Path) -> Path:
+    """CKA and mutual-kNN side by side."""
+    plt = _pyplot()
+    size = max(4.0, 0.45 * len(names) + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    for ax, matrix, label in zip(axes, (cka, mutual_knn), ("linear CKA", "mutual kNN"), strict=True):
+        ax.imshow(matrix, cmap="magma", vmin=0, vmax=1)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if matrix[i, j] > 0.6 else "white")
+        ax.set(title=label, xticks=range(len(names)), yticks=range(len(names)))
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=6)
+        ax.set_yticklabels(names, fontsize=6)
     return _save(fig, plt, path)
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
