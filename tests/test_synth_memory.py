@@ -8,7 +8,7 @@ import tracemalloc
 import pyarrow.parquet as pq
 import pytest
 
-OPTIONS = {"astrom3": {}, "splus": {}, "astroclip": {"image_size": 32}}
+OPTIONS = {"astrom3": {}, "splus": {}, "astroclip": {"image_size": 32}, "euclid_desi": {"image_size": 16}}
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIONS))
@@ -26,5 +26,5 @@ def test_generators_write_in_chunks_with_flat_memory(tmp_path, kind):
     small, large = peak(48), peak(240)  # 3 fields x 16 and x 80 objects: the same chunks of 8
     assert large < 1.5 * small, (small, large)  # 5x the objects, not 5x the memory
     if kind != "astroclip":
-        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "240").glob("*.parquet"))
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "240").rglob("*.parquet"))
         assert rows == 240

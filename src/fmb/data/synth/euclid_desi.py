@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fmb.data.images import encode_png
+from fmb.data.synth import CHUNK, check_missing, chunk_bounds, drop_modalities, missing_rng, write_parquet
 from fmb.data.synth import galaxies as gal
 
 EUCLID_BANDS = ("VIS", "NISP_Y", "NISP_J", "NISP_H")
@@ -23,6 +23,8 @@ PIXEL_SCALE_ARCSEC = 0.1  # VIS pixels; NISP cutouts are resampled to the same g
 PSF_SIGMA_PX = {"VIS": 0.8, "NISP_Y": 1.6, "NISP_J": 1.7, "NISP_H": 1.8}
 MISSING_SPECTRUM_FRACTION = 0.08
 TEST_FRACTION = 0.15
+# what `--missing` can remove, by modality
+MISSING_COLUMNS = {"image": ("RGB_image", *[f"{b}_image" for b in EUCLID_BANDS]), "spectrum": ("spectrum",)}
 
 
 def schema() -> pa.Schema:
@@ -87,14 +89,25 @@ def make_table(n: int, seed: int, image_size: int = 64, first_id: int = 0) -> pa
     return pa.Table.from_arrays(arrays, schema=schema())
 
 
-def write(out_dir: Path, n: int, seed: int, image_size: int = 64) -> Path:
-    """Write `n` objects split into train and test shards under `out_dir/data/`."""
+def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = CHUNK,
+          missing: dict[str, float] | None = None) -> Path:
+    """Write `n` objects split into train and test shards under `out_dir/data/`, `chunk` objects at a
+    time (memory stays flat as `n` grows). `missing` = {modality: rate} nulls that share of the
+    objects' image or spectrum (modalities: image, spectrum)."""
+    rates = check_missing(missing, MISSING_COLUMNS, "euclid-desi")
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     n_test = max(1, int(round(n * TEST_FRACTION))) if n > 1 else 0
     for split, count, offset, split_seed in (("train", n - n_test, 0, seed), ("test", n_test, n, seed + 1)):
         if count == 0:
             continue
-        table = make_table(count, split_seed * 1000 + 17, image_size, first_id=offset)
-        pq.write_table(table, data_dir / f"{split}-00000-of-00001.parquet", row_group_size=256)
+        holes = missing_rng(split_seed)
+
+        def chunks(count=count, offset=offset, split_seed=split_seed, holes=holes):
+            for first, end in chunk_bounds(0, count, chunk):
+                # chunk 0 keeps the seed of the unchunked generator, so small samples are unchanged
+                table = make_table(end - first, split_seed * 1000 + 17 + 7 * first, image_size, first_id=offset + first)
+                yield drop_modalities(table, rates, MISSING_COLUMNS, holes)
+
+        write_parquet(data_dir / f"{split}-00000-of-00001.parquet", chunks(), schema(), row_group_size=256)
     return Path(out_dir)
