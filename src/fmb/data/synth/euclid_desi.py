@@ -14,7 +14,14 @@ import numpy as np
 import pyarrow as pa
 
 from fmb.data.images import encode_png
-from fmb.data.synth import CHUNK, check_missing, chunk_bounds, drop_modalities, missing_rng, write_parquet
+from fmb.data.synth import (
+    CHUNK,
+    check_missing,
+    chunk_bounds,
+    drop_modalities,
+    missing_rng,
+    write_parquet,
+)
 from fmb.data.synth import galaxies as gal
 
 EUCLID_BANDS = ("VIS", "NISP_Y", "NISP_J", "NISP_H")
