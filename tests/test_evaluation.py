@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -160,6 +161,20 @@ def test_detect_fuses_models_and_flags_cross_modal_mismatch(tmp_path):
     top = sorted(cross, key=cross.get)[-4:]
     assert set(top) == {0, 1, 2, 3}
     assert table["fused_rank"] == sorted(table["fused_rank"], reverse=True)
+
+
+def test_detect_objects_without_a_modality_give_nan_scores_without_numpy_warnings(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((60, 4)).astype(np.float32)
+    spectra = images.copy()
+    spectra[:10] = np.nan  # ten objects have no spectrum: no cross-modal score, fused from the rest
+    path = write_file(tmp_path / "a.parquet", np.arange(60), {"image": images, "spectrum": spectra})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = pq.read_table(detect([str(path)], tmp_path / "anomalies.parquet", k=4)).to_pydict()
+    cross = dict(zip(table["object_id"], table["a/cross_modal"], strict=True))
+    assert all(np.isnan(cross[i]) for i in range(10)) and all(np.isfinite(cross[i]) for i in range(10, 60))
+    assert np.isfinite(table["fused_rank"]).all()
 
 
 def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):

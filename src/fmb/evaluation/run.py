@@ -273,6 +273,16 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mean_present(rows: list[np.ndarray]) -> np.ndarray:
+    """Per object, the mean of the finite values over `rows`; NaN (without a NumPy warning) where an
+    object has none, e.g. an object lacking every modality a score needs."""
+    stack = np.stack(rows)
+    finite = np.isfinite(stack)
+    count = finite.sum(0)
+    total = np.where(finite, stack, 0.0).sum(0)
+    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
+
+
 def detect(paths: list[str], out: Path, k: int = 16, seed: int = 0) -> Path:
     """Anomaly scores per model and a fused rank (mean rank percentile over every score)."""
     files = align([load_embeddings(p) for p in paths])
@@ -284,7 +294,7 @@ def detect(paths: list[str], out: Path, k: int = 16, seed: int = 0) -> Path:
         pairs = [(a, b) for a, b in itertools.combinations(modalities, 2)
                  if f.embeddings[a].shape[1] == f.embeddings[b].shape[1]]
         if pairs:
-            disagreement = np.nanmean([anomaly.cross_modal_disagreement(f.embeddings[a], f.embeddings[b]) for a, b in pairs], axis=0)
+            disagreement = mean_present([anomaly.cross_modal_disagreement(f.embeddings[a], f.embeddings[b]) for a, b in pairs])
             scores["cross_modal"] = disagreement
         main = "joint" if "joint" in f.embeddings else modalities[0]
         scores[f"iforest_{main}"] = _masked(f.embeddings[main], lambda x: anomaly.isolation_forest(x, seed=seed))
@@ -294,7 +304,7 @@ def detect(paths: list[str], out: Path, k: int = 16, seed: int = 0) -> Path:
             pct = np.full(len(values), np.nan)
             pct[finite] = anomaly.rank_percentile(values[finite])
             percentiles.append(pct)
-    columns["fused_rank"] = np.nanmean(np.stack(percentiles), axis=0)
+    columns["fused_rank"] = mean_present(percentiles)
     table = pa.table(columns).sort_by([("fused_rank", "descending")])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
