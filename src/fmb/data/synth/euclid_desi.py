@@ -15,7 +15,6 @@ import pyarrow as pa
 
 from fmb.data.images import encode_png
 from fmb.data.synth import (
-    CHUNK,
     check_missing,
     chunk_bounds,
     drop_modalities,
@@ -30,6 +29,8 @@ PIXEL_SCALE_ARCSEC = 0.1  # VIS pixels; NISP cutouts are resampled to the same g
 PSF_SIGMA_PX = {"VIS": 0.8, "NISP_Y": 1.6, "NISP_J": 1.7, "NISP_H": 1.8}
 MISSING_SPECTRUM_FRACTION = 0.08
 TEST_FRACTION = 0.15
+# 1024 64-px objects are ~0.3 GB in memory; samples up to this size are the same as when unchunked
+OBJECTS_PER_CHUNK = 1024
 # what `--missing` can remove, by modality
 MISSING_COLUMNS = {"image": ("RGB_image", *[f"{b}_image" for b in EUCLID_BANDS]), "spectrum": ("spectrum",)}
 
@@ -96,7 +97,7 @@ def make_table(n: int, seed: int, image_size: int = 64, first_id: int = 0) -> pa
     return pa.Table.from_arrays(arrays, schema=schema())
 
 
-def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = CHUNK,
+def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = OBJECTS_PER_CHUNK,
           missing: dict[str, float] | None = None) -> Path:
     """Write `n` objects split into train and test shards under `out_dir/data/`, `chunk` objects at a
     time (memory stays flat as `n` grows). `missing` = {modality: rate} nulls that share of the
