@@ -273,3 +273,16 @@ def test_classification_metrics_hand_computed():
     assert m["macro_f1"] == pytest.approx((f1_a + f1_b + f1_c) / 3)
     assert m["recall_A"] == pytest.approx(0.75) and m["recall_B"] == pytest.approx(0.5)
     assert "recall_C" not in m
+
+
+def test_phased_dataset_keeps_points_over_the_whole_cycle(tmp_path):
+    t = np.sort(np.random.default_rng(0).uniform(0.0, 300.0, 500))
+    lc = np.stack([t, np.sin(2 * np.pi * t / 3.7) + 2.0, np.full_like(t, 0.1)], axis=1)
+    path = tmp_path / "train.parquet"
+    write_rows(path, [{"photometry": lc, "metadata": good_metadata(period=3.7)}])
+    for train in (True, False):
+        ds = AstroM3Dataset(path, None, CLASSES, seq_len=32, train=train, phased=True)
+        phase = ds[0]["photometry"][:, 0].numpy()
+        assert (np.diff(phase) >= 0).all() and phase.min() < 0.1 and phase.max() > 0.9
+    unfolded = AstroM3Dataset(path, None, CLASSES, seq_len=32, train=False)[0]["photometry"][:, 0].numpy()
+    assert unfolded.max() - unfolded.min() < 0.2  # a contiguous crop of the time series

@@ -292,11 +292,17 @@ class AstroM3Dataset(Dataset):
 
     def _light_curve(self, photometry: Any, period: float | None, index: int) -> tuple[np.ndarray, np.ndarray]:
         lc = clean_light_curve(photometry, period)
-        start = None
-        if self.train and len(lc) > self.seq_len:
-            # Random crop seeded by (seed, epoch, index): reproducible and resumable.
-            rng = np.random.default_rng([self.seed, self.epoch, index, zlib.crc32(b"astrom3")])
-            start = int(rng.integers(0, len(lc) - self.seq_len + 1))
+        if len(lc) <= self.seq_len:
+            return crop_light_curve(lc, self.seq_len, None)
+        # Drawn from (seed, epoch, index): reproducible and resumable.
+        rng = np.random.default_rng([self.seed, self.epoch, index, zlib.crc32(b"astrom3")]) if self.train else None
+        if period is not None and np.isfinite(period) and period > 0:
+            # A folded curve: seq_len points over the whole phase (random in training, evenly spaced
+            # otherwise), in phase order; a contiguous crop would keep only part of the cycle.
+            keep = (np.sort(rng.choice(len(lc), self.seq_len, replace=False)) if rng is not None
+                    else np.linspace(0, len(lc) - 1, self.seq_len).round().astype(int))
+            return crop_light_curve(lc[keep], self.seq_len, None)
+        start = int(rng.integers(0, len(lc) - self.seq_len + 1)) if rng is not None else None
         return crop_light_curve(lc, self.seq_len, start)
 
     def _bad(self, exc: BadRow, row: int) -> bool:
