@@ -112,6 +112,7 @@ class Suite:
     outlier_threshold: float = OUTLIER_THRESHOLD
     similarity_k: int = 10
     plots: bool = True
+    projections: list[str] = field(default_factory=lambda: ["umap", "pca"])  # per model, coloured by every target
     synthetic: SyntheticSpec | None = None  # written to ${paths.work}/data before anything else
     catalog: CatalogSpec | None = None
     thumbnails: str | None = None  # data with an RGB_image column: a thumbnail-grid UMAP per model
@@ -151,6 +152,9 @@ def load_suite(path: Path, work: Path, out: Path) -> Suite:
         suite.catalog.path = str(_resolve(root, suite.catalog.path))
     if suite.thumbnails:
         suite.thumbnails = str(_resolve(root, suite.thumbnails))
+    for method in suite.projections:
+        if method not in ("umap", "pca"):
+            raise ConfigError(f"{path}: projections: '{method}' is not one of umap, pca")
     for i, task in enumerate(suite.tasks):
         if not task.target:
             raise ConfigError(f"{path}: tasks[{i}] has no target")
@@ -520,7 +524,7 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
         x = model.embeddings[column]
         present = np.flatnonzero(np.isfinite(x).all(1))
         colours_of = {t.target: model.targets[t.target][present] for t in tasks}
-        for method in ("umap", "pca"):
+        for method in suite.projections:
             rows_drawn, xy = plots.project(x[present], method, suite.seed)
             path = plots.coloured_panels(xy, {f"{model.name} {column}: {t}": v[rows_drawn] for t, v in colours_of.items()},
                                          plot_dir / f"{model.name}__{column}__{method}.png", method.upper() if method == "umap" else "PC")
