@@ -304,8 +304,8 @@ class BenchmarkResult:
 
 def run_benchmark(suite_path: Path, out: Path, work: Path | None = None, command: str = "") -> BenchmarkResult:
     started = time.perf_counter()
-    out = Path(out)
-    work = Path(work) if work else out / "work"
+    out = Path(out).resolve()  # absolute: suite paths relative to the suite file must not re-anchor them
+    work = Path(work).resolve() if work else out / "work"
     suite = load_suite(Path(suite_path), work, out)
     prepared = prepare_embeddings(suite, work)
 
