@@ -314,6 +314,27 @@ def evaluate(
 
 
 @app.command()
+def benchmark(
+    suite: Annotated[Path | None, typer.Argument(help="Suite YAML: models, tasks, catalogue, seed (see configs/benchmark/demo.yaml).")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="The shipped suite: AstroPT, AstroCLIP and AION demo models on synthetic Euclid+DESI.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results directory (default: benchmark/<suite name>).")] = None,
+    work: Annotated[Path | None, typer.Option(help="Where the suite's data, checkpoints and embeddings are made (default: OUT/work).")] = None,
+) -> None:
+    """One leaderboard: every model on the same objects and frozen folds, with intervals, ranks,
+    random-init baselines, cross-model similarity and an HTML report."""
+    from fmb.errors import ConfigError
+    from fmb.evaluation.benchmark import demo_suite, run_benchmark
+
+    if (suite is None) == (not demo):
+        raise ConfigError("give a suite file or --demo (not both)")
+    path = demo_suite() if demo else suite
+    if not path.is_file():
+        raise ConfigError(f"suite file not found: {path}")
+    result = run_benchmark(path, out or Path("benchmark") / path.stem, work, command=" ".join(["fmb", *sys.argv[1:]]))
+    typer.echo(result.summary())
+
+
+@app.command()
 def detect(
     embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv.")] = Path("anomalies.parquet"),

@@ -52,31 +52,42 @@ def _subset(n: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, MAX_POINTS, replace=False)) if n > MAX_POINTS else np.arange(n)
 
 
-def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path, method: str = "pca", seed: int = 0) -> Path:
-    """The rows of x in 2-d (PCA or UMAP), coloured by y (a colour bar for numbers, a legend for classes)."""
-    plt = _pyplot()
+def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows drawn, their 2-d positions) by PCA or UMAP; at most MAX_POINTS rows."""
     rows = _subset(len(x), seed)
-    x, y = x[rows], y[rows]
-    xy = pca_2d(x) if method == "pca" else umap_2d(x, seed)
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    if y.dtype.kind in "fiu":
-        points = ax.scatter(xy[:, 0], xy[:, 1], c=y.astype(float), s=6, cmap="viridis")
-        fig.colorbar(points, ax=ax)
-    else:
-        for label in np.unique(y.astype(str)):
-            keep = y.astype(str) == label
-            ax.scatter(xy[keep, 0], xy[keep, 1], s=6, label=label)
-        ax.legend(fontsize=6, markerscale=2)
-    axis = "PC" if method == "pca" else "UMAP"
-    ax.set(title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
+    return rows, pca_2d(x[rows]) if method == "pca" else umap_2d(x[rows], seed)
+
+
+def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path, method: str = "pca", seed: int = 0) -> Path:
+    """The rows of x in 2-d (PCA or UMAP), coloured by y."""
+    rows, xy = project(x, method, seed)
+    return coloured_panels(xy, {title: y[rows]}, path, "PC" if method == "pca" else "UMAP")
+
+
+def coloured_panels(xy: np.ndarray, colours: dict[str, np.ndarray], path: Path, axis: str) -> Path:
+    """One scatter of the same 2-d positions per entry of `colours` (title -> values; a colour bar for
+    numbers, a legend for classes; missing values grey)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(colours), figsize=(4.6 * len(colours), 4.2), squeeze=False)
+    for ax, (title, y) in zip(axes[0], colours.items(), strict=True):
+        if y.dtype.kind in "fiu":
+            values = y.astype(float)
+            finite = np.isfinite(values)
+            ax.scatter(xy[~finite, 0], xy[~finite, 1], s=4, color="lightgrey")
+            points = ax.scatter(xy[finite, 0], xy[finite, 1], c=values[finite], s=6, cmap="viridis")
+            fig.colorbar(points, ax=ax)
+        else:
+            labels = np.array(["missing" if v is None else str(v) for v in y])
+            for label in np.unique(labels):
+                keep = labels == label
+                ax.scatter(xy[keep, 0], xy[keep, 1], s=6, label=label)
+            ax.legend(fontsize=6, markerscale=2)
+        ax.set(title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
     return _save(fig, plt, path)
 
 
-def thumbnail_grid(xy: np.ndarray, images: list[np.ndarray | None], title: str, path: Path, cells: int = 16) -> Path:
-    """Images at their 2-d positions: the plane cut into cells x cells, one object drawn per occupied cell
-    (the one nearest the cell's centre). `images`: (h, w, 3) floats in [0, 1], or None where absent."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 7))
+def grid_cells(xy: np.ndarray, cells: int = 16) -> dict[tuple[int, int], int]:
+    """The plane cut into cells x cells: per occupied cell, the row nearest its centre."""
     low, high = xy.min(0), xy.max(0)
     span = np.where(high > low, high - low, 1.0)
     cell = np.minimum(((xy - low) / span * cells).astype(int), cells - 1)
@@ -84,11 +95,16 @@ def thumbnail_grid(xy: np.ndarray, images: list[np.ndarray | None], title: str, 
     distance = np.linalg.norm((xy - centre) / span, axis=1)
     shown: dict[tuple[int, int], int] = {}
     for row in np.argsort(distance):
-        key = (int(cell[row, 0]), int(cell[row, 1]))
-        if images[row] is not None and key not in shown:
-            shown[key] = int(row)
-    for (i, j), row in shown.items():
-        ax.imshow(np.clip(images[row], 0, 1), extent=(i, i + 1, j, j + 1), origin="upper", interpolation="nearest")
+        shown.setdefault((int(cell[row, 0]), int(cell[row, 1])), int(row))
+    return shown
+
+
+def thumbnail_grid(shown: dict[tuple[int, int], np.ndarray], title: str, path: Path, cells: int = 16) -> Path:
+    """Images at their 2-d positions: `shown` maps a cell of `grid_cells` to an (h, w, 3) uint8 image."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 7))
+    for (i, j), image in shown.items():
+        ax.imshow(image, extent=(i, i + 1, j, j + 1), origin="upper", interpolation="nearest")
     ax.set(xlim=(0, cells), ylim=(0, cells), title=title, xticks=[], yticks=[])
     ax.set_aspect("equal")
     return _save(fig, plt, path)
@@ -111,20 +127,21 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
     return _save(fig, plt, path)
 
 
-def few_shot(rows: list[dict], metric: str, title: str, path: Path) -> Path:
-    """Metric against the fraction of labels, per probe, with its 95% interval; the random-init baseline dashed."""
+def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "probe") -> Path:
+    """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
+    95% interval; the random-init baseline dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
-    for probe in sorted({r["probe"] for r in rows}):
-        mine = sorted((r for r in rows if r["probe"] == probe and r["metric"] == metric), key=lambda r: r["labels"])
+    for name in sorted({r[key] for r in rows}):
+        mine = sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
         if not mine:
             continue
         fractions = [r["labels"] for r in mine]
-        line = ax.plot(fractions, [r["value"] for r in mine], marker="o", label=probe)[0]
+        line = ax.plot(fractions, [r["value"] for r in mine], marker="o", label=name)[0]
         ax.fill_between(fractions, [r["low"] for r in mine], [r["high"] for r in mine], color=line.get_color(), alpha=0.2)
         if all(r["baseline"] is not None for r in mine):
             ax.plot(fractions, [r["baseline"] for r in mine], linestyle="--", color=line.get_color(),
-                    label=f"{probe} (random init)")
+                    label=f"{name} (random init)")
     ax.set(title=title, xlabel="fraction of labels", ylabel=metric, xscale="log")
     ax.legend(fontsize=7)
     return _save(fig, plt, path)

@@ -110,10 +110,13 @@ class Task:
     """One target to predict: how it is scored, with which probes and label fractions."""
 
     def __init__(self, target: str, kind: str, probes: tuple[str, ...] = PROBES,
-                 fractions: tuple[float, ...] = (0.1, 1.0), threshold: float = OUTLIER_THRESHOLD) -> None:
+                 fractions: tuple[float, ...] = (0.1, 1.0), threshold: float = OUTLIER_THRESHOLD,
+                 rank_by: str | None = None) -> None:
         if kind not in ("redshift", "regression", "classification"):
             raise ConfigError(f"task {target}: kind '{kind}' is not one of redshift, regression, classification")
         self.target, self.kind, self.probes, self.fractions, self.threshold = target, kind, probes, fractions, threshold
+        # the figure a leaderboard ranks by
+        self.rank_by = rank_by or {"redshift": "nmad", "regression": "r2", "classification": "accuracy"}[kind]
 
     @property
     def classify(self) -> bool:
@@ -122,9 +125,10 @@ class Task:
 
 def evaluate_task(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, frozen: Folds | None, folds: int,
                   k: int, seed: int, replicates: int, bar: tqdm | None = None, plot_dir: Path | None = None,
-                  columns: list[str] | None = None) -> list[dict]:
+                  columns: list[str] | None = None, collect: dict | None = None) -> list[dict]:
     """Every probe of `task` on every embedding column of `model` (and of its baseline, on the same rows).
-    `frozen`: fold of each row of `model` (fmb benchmark); None: folds drawn here."""
+    `frozen`: fold of each row of `model` (fmb benchmark); None: folds drawn here. `collect` receives
+    (model, column, target) -> (truth, probe results), for figures drawn later."""
     rows = []
     y_all = model.targets[task.target]
     for column in columns or list(model.embeddings):
@@ -151,6 +155,8 @@ def evaluate_task(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, 
                       base_res.metrics[metric] if base_res else None, int(keep.sum()), int((~keep).sum()))
                  for res, base_res in zip(results, base_results, strict=True) for metric, value in res.metrics.items()]
         rows += added
+        if collect is not None:
+            collect[(model.name, column, task.target)] = (y, results)
         best = max(results, key=lambda r: (r.fraction, _headline(r)))
         log.info(f"{model.name}/{column}/{task.target}: {int(keep.sum())} objects, {len(results)} probe runs in "
                  f"{time.perf_counter() - started:.1f} s; best {best.probe} {_headline_name(best)} {_headline(best):.3f}")
