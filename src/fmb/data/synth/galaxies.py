@@ -41,6 +41,8 @@ BANDS = {
 }
 
 EARLY, LATE = 0, 1
+SED_BLOCK = 64  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
+IMAGE_BLOCK = 128  # objects per block when drawing profiles
 
 
 @dataclass
@@ -61,6 +63,10 @@ class Galaxies:
 
     def __len__(self) -> int:
         return len(self.redshift)
+
+    def take(self, rows: np.ndarray | slice) -> Galaxies:
+        """The galaxies at `rows` (indices, a mask or a slice)."""
+        return Galaxies(**{name: value[rows] for name, value in vars(self).items()})
 
 
 def sample_galaxies(n: int, rng: np.random.Generator) -> Galaxies:
@@ -124,7 +130,11 @@ def band_fluxes(g: Galaxies, bands: list[str], samples: int = 64) -> dict[str, n
 
 def desi_spectra(g: Galaxies, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(flux, error) on the DESI grid, (n, 7781) float32 each. Noise grows at the red end (sky)."""
-    flux = observed_sed(g, DESI_WAVELENGTH)
+    flux = np.empty((len(g), len(DESI_WAVELENGTH)))
+    # a block of objects at a time: the line profiles are (objects, pixels, lines) temporaries
+    for first in range(0, len(g), SED_BLOCK):
+        block = slice(first, first + SED_BLOCK)
+        flux[block] = observed_sed(g.take(block), DESI_WAVELENGTH)
     sky = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
     error = 0.25 * sky[None, :] * rng.uniform(0.7, 1.3, (len(g), 1))
     noisy = flux + error * rng.standard_normal(flux.shape)
@@ -139,10 +149,23 @@ def angular_half_light_pixels(g: Galaxies, pixel_scale_arcsec: float) -> np.ndar
     return np.clip(arcsec / pixel_scale_arcsec, 1.0, None)
 
 
-def sersic_images(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float) -> np.ndarray:
-    """Unit-flux profiles (n, size, size): elliptical Sersic, two-armed for late types, PSF-blurred."""
+def sersic_images(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float,
+                  offset: np.ndarray | None = None) -> np.ndarray:
+    """Unit-flux profiles (n, size, size): elliptical Sersic, two-armed for late types, PSF-blurred;
+    centred, or `offset` (n, 2) pixels (dy, dx) away from the centre."""
+    out = np.empty((len(g), size, size))
+    for first in range(0, len(g), IMAGE_BLOCK):  # a block at a time: each profile takes ~10 temporaries
+        block = slice(first, first + IMAGE_BLOCK)
+        out[block] = _sersic(g.take(block), size, radius_px[block], psf_sigma_px,
+                             None if offset is None else offset[block])
+    return out
+
+
+def _sersic(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float, offset: np.ndarray | None) -> np.ndarray:
     coords = np.arange(size) - (size - 1) / 2.0
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    if offset is not None:
+        yy, xx = yy - offset[:, 0, None, None], xx - offset[:, 1, None, None]
     cos, sin = np.cos(g.position_angle)[:, None, None], np.sin(g.position_angle)[:, None, None]
     major = xx * cos + yy * sin
     minor = (-xx * sin + yy * cos) / g.axis_ratio[:, None, None]
