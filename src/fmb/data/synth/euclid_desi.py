@@ -3,12 +3,13 @@
 Parquet shards `data/train-00000-of-00001.parquet` and `data/test-...` with the real columns
 (object_id, targetid, redshift, RGB_image {bytes, path}, VIS/NISP_Y/NISP_J/NISP_H_image 2-D
 arrays, spectrum {flux, wavelength, error}, sed_data {flux_*}) plus the latent truth as
-`truth_*` columns. About 8% of rows have no spectrum (null), as in the real sample.
+`truth_*` columns. About 8% of rows have no spectrum (null), as in the real sample. Anomalies of
+several kinds can be planted (`truth_anomaly`, fmb.data.synth.planted).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,8 @@ from fmb.data.synth import (
     write_parquet,
 )
 from fmb.data.synth import galaxies as gal
+from fmb.data.synth.planted import anomaly_rng, plant
+from fmb.errors import ConfigError
 
 EUCLID_BANDS = ("VIS", "NISP_Y", "NISP_J", "NISP_H")
 SED_BANDS = ("g", "r", "i", "z", "w1", "w2")
@@ -36,7 +39,8 @@ OBJECTS_PER_CHUNK = 1024
 MISSING_COLUMNS = {"image": ("RGB_image", *[f"{b}_image" for b in EUCLID_BANDS]), "spectrum": ("spectrum",)}
 
 
-def schema() -> pa.Schema:
+def schema(anomalies: bool = False) -> pa.Schema:
+    """The published columns plus the latent truth; `truth_anomaly` only for samples with planted anomalies."""
     image = pa.list_(pa.list_(pa.float32()))
     return pa.schema([
         ("object_id", pa.int64()),
@@ -50,6 +54,7 @@ def schema() -> pa.Schema:
         ("truth_type", pa.int64()),
         ("truth_half_light_px", pa.float32()),
         ("truth_axis_ratio", pa.float32()),
+        *([("truth_anomaly", pa.string())] if anomalies else []),
     ])
 
 
@@ -65,11 +70,13 @@ class Chunk:
     flux: np.ndarray  # (n, 7781) float32 spectra
     error: np.ndarray
     has_spectrum: np.ndarray  # (n,) bool
+    psf_sigma: dict[str, float] = field(default_factory=lambda: dict(PSF_SIGMA_PX))
+    pixel_scale: float = PIXEL_SCALE_ARCSEC
 
-
-def band_counts(fluxes: np.ndarray) -> np.ndarray:
-    """Total image counts of a band from its mean f_lambda (a band-width factor)."""
-    return fluxes * 400.0
+    @staticmethod
+    def counts(fluxes: np.ndarray) -> np.ndarray:
+        """Total image counts of a band from its mean f_lambda (a band-width factor)."""
+        return fluxes * 400.0
 
 
 def make_chunk(n: int, seed: int, image_size: int = 64) -> Chunk:
@@ -80,7 +87,7 @@ def make_chunk(n: int, seed: int, image_size: int = 64) -> Chunk:
     bands, sky = {}, {}
     for band in EUCLID_BANDS:
         profile = gal.sersic_images(g, image_size, radius, PSF_SIGMA_PX[band])
-        total = band_counts(fluxes[band])
+        total = Chunk.counts(fluxes[band])
         sky[band] = 0.02 * np.median(total) / image_size
         profile *= total[:, None, None]
         profile += sky[band] * rng.standard_normal(profile.shape)
@@ -91,8 +98,9 @@ def make_chunk(n: int, seed: int, image_size: int = 64) -> Chunk:
     return Chunk(g, radius, fluxes, bands, sky, flux, error, has_spectrum)
 
 
-def chunk_table(chunk: Chunk, first_id: int = 0) -> pa.Table:
-    """The chunk's rows in the published schema, built from NumPy buffers (no per-pixel Python objects)."""
+def chunk_table(chunk: Chunk, first_id: int = 0, anomalies: np.ndarray | None = None) -> pa.Table:
+    """The chunk's rows in the published schema, built from NumPy buffers (no per-pixel Python objects);
+    with `anomalies` (the planted kinds, None for normal objects), a `truth_anomaly` column."""
     g, n = chunk.galaxies, len(chunk.galaxies)
     # masked pixels (NaN) are black in the colour composite, as in survey cutouts
     rgb = gal.asinh_rgb(*(np.nan_to_num(chunk.bands[b], nan=0.0) for b in ("NISP_H", "NISP_Y", "VIS")))
@@ -112,8 +120,10 @@ def chunk_table(chunk: Chunk, first_id: int = 0) -> pa.Table:
         "truth_type": pa.array(g.kind),
         "truth_half_light_px": pa.array(chunk.radius.astype(np.float32)),
         "truth_axis_ratio": pa.array(g.axis_ratio.astype(np.float32)),
+        "truth_anomaly": pa.array(anomalies, pa.string()) if anomalies is not None else None,
     }
-    return pa.Table.from_arrays([columns[field.name] for field in schema()], schema=schema())
+    fields = schema(anomalies is not None)
+    return pa.Table.from_arrays([columns[f.name] for f in fields], schema=fields)
 
 
 def make_table(n: int, seed: int, image_size: int = 64, first_id: int = 0) -> pa.Table:
@@ -135,11 +145,15 @@ def image_array(images: np.ndarray) -> pa.ListArray:
 
 
 def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = OBJECTS_PER_CHUNK,
-          missing: dict[str, float] | None = None) -> Path:
+          missing: dict[str, float] | None = None, anomalies: float = 0.0) -> Path:
     """Write `n` objects split into train and test shards under `out_dir/data/`, `chunk` objects at a
     time (memory stays flat as `n` grows). `missing` = {modality: rate} nulls that share of the
-    objects' image or spectrum (modalities: image, spectrum)."""
+    objects' image or spectrum (modalities: image, spectrum), after any planting. `anomalies` > 0
+    plants anomalies in that share of the objects (fmb.data.synth.planted) and adds `truth_anomaly`;
+    the other objects are the same as without."""
     rates = check_missing(missing, MISSING_COLUMNS, "euclid-desi")
+    if not 0.0 <= anomalies <= 1.0:
+        raise ConfigError(f"--anomalies {anomalies}: a rate is a share of objects, between 0 and 1")
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     n_test = max(1, int(round(n * TEST_FRACTION))) if n > 1 else 0
@@ -147,13 +161,15 @@ def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = O
         if count == 0:
             continue
         holes = missing_rng(split_seed)
-
-        def chunks(count=count, offset=offset, split_seed=split_seed, holes=holes):
-            for first, end in chunk_bounds(0, count, chunk):
-                # chunk 0 keeps the seed of the unchunked generator, so small samples are unchanged
-                objects = make_chunk(end - first, split_seed * 1000 + 17 + 7 * first, image_size)
-                table = chunk_table(objects, first_id=offset + first)
-                yield drop_modalities(table, rates, MISSING_COLUMNS, holes)
-
-        write_parquet(data_dir / f"{split}-00000-of-00001.parquet", chunks(), schema(), row_group_size=256)
+        # chunk 0 keeps the seed of the unchunked generator, so small samples are unchanged
+        tables = (_chunk(end - first, split_seed * 1000 + 17 + 7 * first, image_size, offset + first, anomalies,
+                         rates, holes) for first, end in chunk_bounds(0, count, chunk))
+        write_parquet(data_dir / f"{split}-00000-of-00001.parquet", tables, schema(anomalies > 0), row_group_size=256)
     return Path(out_dir)
+
+
+def _chunk(n: int, seed: int, image_size: int, first_id: int, anomalies: float, rates: dict[str, float],
+           holes: np.random.Generator) -> pa.Table:
+    objects = make_chunk(n, seed, image_size)
+    kinds = plant(objects, anomalies, anomaly_rng(seed)) if anomalies > 0 else None
+    return drop_modalities(chunk_table(objects, first_id, kinds), rates, MISSING_COLUMNS, holes)

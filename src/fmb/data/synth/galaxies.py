@@ -135,9 +135,17 @@ def desi_spectra(g: Galaxies, rng: np.random.Generator) -> tuple[np.ndarray, np.
     for first in range(0, len(g), SED_BLOCK):
         block = slice(first, first + SED_BLOCK)
         flux[block] = observed_sed(g.take(block), DESI_WAVELENGTH)
+    return desi_noise(flux, rng)
+
+
+def desi_noise(flux: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy flux, error) float32 from noise-free (n, 7781) float64 `flux`: the DESI
+    noise level, higher at the red end (sky), times a per-object depth factor."""
     sky = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
-    error = 0.25 * sky[None, :] * rng.uniform(0.7, 1.3, (len(g), 1))
-    noisy = flux + error * rng.standard_normal(flux.shape)
+    error = 0.25 * sky[None, :] * rng.uniform(0.7, 1.3, (len(flux), 1))
+    noisy = rng.standard_normal(flux.shape)
+    noisy *= error  # in place: flux + error x noise without (n, 7781) float64 temporaries
+    noisy += flux
     return noisy.astype(np.float32), error.astype(np.float32)
 
 
@@ -194,6 +202,14 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def asinh_rgb(red: np.ndarray, green: np.ndarray, blue: np.ndarray, q: float = 8.0) -> np.ndarray:
     """Lupton-style asinh colour composite of (n, h, w) planes -> (n, h, w, 3) uint8."""
+    out = np.empty((*red.shape, 3), np.uint8)
+    for first in range(0, len(red), IMAGE_BLOCK):  # a block at a time: float temporaries of 3 planes
+        block = slice(first, first + IMAGE_BLOCK)
+        out[block] = _asinh_rgb(red[block], green[block], blue[block], q)
+    return out
+
+
+def _asinh_rgb(red: np.ndarray, green: np.ndarray, blue: np.ndarray, q: float) -> np.ndarray:
     stack = np.clip(np.stack([red, green, blue], axis=-1), 0.0, None)  # sky noise can be negative
     scale = np.percentile(stack.sum(-1), 99.5, axis=(1, 2))[:, None, None, None] + 1e-12
     total = stack.sum(-1, keepdims=True) / scale
