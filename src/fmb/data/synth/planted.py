@@ -11,7 +11,8 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
   with charge bled along the VIS CCD column.
 - cosmic_rays: 5-25 sharp hits and short tracks, not PSF-blurred, in VIS.
 - masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band.
-- lens_arc: a blue tangential arc and a fainter counter-image at an Einstein radius of 0.6-1.5 arcsec.
+- lens_arc: a tangential arc and a fainter counter-image at an Einstein radius of 0.6-1.5 arcsec, bluer
+  than the deflector.
 - extreme_emission: an extreme emission-line galaxy: compact, hot, emission lines 10-30 times stronger.
 - quasar: a point source with a power-law continuum and broad (FWHM ~ 4700 km/s) lines.
 - merger: a companion galaxy at the same redshift 0.8-2 half-light radii away, in the images,
@@ -39,8 +40,9 @@ QUASAR_LINES = np.array([1215.7, 1549.1, 1908.7, 2798.8, 4340.5, 4861.3, 5006.8,
 QUASAR_EW = np.array([80.0, 35.0, 20.0, 30.0, 25.0, 60.0, 15.0, 250.0])
 QUASAR_BROAD = np.array([True, True, True, True, True, True, False, True])
 BROAD_SIGMA_KMS, NARROW_SIGMA_KMS = 2000.0, 150.0
-# colour of a lensed star-forming source at z ~ 2: counts per band relative to VIS
-ARC_COLOUR = {"VIS": 1.0, "NISP_Y": 0.7, "NISP_J": 0.55, "NISP_H": 0.45}
+# a lensed star-forming source at z ~ 2 is bluer than its deflector: its band fluxes are the
+# deflector's colours times (band centre / VIS centre)^-ARC_BLUENESS
+ARC_BLUENESS = 1.5
 
 
 def anomaly_rng(seed: int) -> np.random.Generator:
@@ -187,9 +189,11 @@ def lens_arc(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
 
     light = arc(direction, einstein, extent) + 0.3 * arc(direction + np.pi, 0.6 * einstein, extent / 3.0)
     light /= light.sum(axis=(1, 2), keepdims=True)
-    total = chunk.counts(chunk.fluxes["VIS"][rows]) * rng.uniform(0.4, 1.0, k)
+    share = rng.uniform(0.4, 1.0, k)  # of the deflector's VIS light
+    centre = {band: np.mean(gal.BANDS[band]) for band in chunk.bands}
     for band in chunk.bands:
-        _add(chunk, band, rows, gal.gaussian_blur(light, chunk.psf_sigma[band]) * _column(total * ARC_COLOUR[band]))
+        total = chunk.counts(chunk.fluxes[band][rows]) * share * (centre[band] / centre["VIS"]) ** -ARC_BLUENESS
+        _add(chunk, band, rows, gal.gaussian_blur(light, chunk.psf_sigma[band]) * _column(total))
 
 
 def extreme_emission(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
