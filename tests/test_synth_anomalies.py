@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -15,6 +16,7 @@ from fmb.data.synth import galaxies as gal
 from fmb.data.synth.planted import KINDS, anomaly_rng, plant
 from fmb.errors import ConfigError
 from fmb.models import write_synthetic
+from tests.cli_runner import run_cli
 
 RATE = 0.6
 
@@ -170,3 +172,24 @@ def test_bad_rates_and_other_generators_are_refused(tmp_path):
         synth.write(tmp_path, 4, 0, image_size=16, anomalies=1.5)
     with pytest.raises(ConfigError, match="no option anomalies"):
         write_synthetic("astrom3", tmp_path, 4, 0, anomalies=0.1)
+
+
+def test_truth_anomaly_travels_into_embedding_files(monkeypatch, capsys, tmp_path):
+    data = tmp_path / "planted"
+    code, _, err = run_cli(monkeypatch, capsys, "data", "synth", "euclid-desi", "-o", str(data), "-n", "24",
+                           "--anomalies", "0.5")
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, _, err = run_cli(monkeypatch, capsys, "retrain", "astropt", "--demo", "--out", str(run), "--max-steps", "1",
+                           "--no-progress", "--set", "data.synthetic=16", "--set", "data.image_size=32", "--set", "train.batch_size=4",
+                           "--set", "train.num_workers=0", "--set", "model.n_layer=1")
+    assert code == 0, err
+    out = tmp_path / "emb.parquet"
+    code, _, err = run_cli(monkeypatch, capsys, "embed", "astropt", "--checkpoint", str(run), "--out", str(out),
+                           "--data", str(data), "--batch-size", "5")  # batches of only normal objects too
+    assert code == 0, err
+    embedded = pq.read_table(out).sort_by("object_id")
+    truth = pq.read_table(data / "data", columns=["object_id", "truth_anomaly"]).sort_by("object_id")
+    assert embedded.schema.field("truth_anomaly").type == pa.string()
+    assert embedded.column("truth_anomaly").to_pylist() == truth.column("truth_anomaly").to_pylist()
+    assert embedded.column("truth_anomaly").null_count > 0
