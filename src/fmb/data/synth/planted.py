@@ -19,7 +19,9 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
   the photometry and (half of its light) the spectrum.
 
 Only the chosen objects change, drawn from a random stream of their own: the other objects are the
-same as without anomalies. Everything is vectorised over the objects of one kind in a chunk.
+same as without anomalies. The truth columns follow the change (an extreme emission-line galaxy is
+late-type, a quasar has a half-light radius of 0), and the kinds seen in the spectrum always have
+one. Everything is vectorised over the objects of one kind in a chunk.
 """
 
 from __future__ import annotations
