@@ -41,7 +41,9 @@ BANDS = {
 }
 
 EARLY, LATE = 0, 1
-SED_BLOCK = 64  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
+SED_BLOCK = 16  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
+# relative DESI noise along the grid: higher at the red end (sky lines)
+DESI_SKY = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
 IMAGE_BLOCK = 128  # objects per block when drawing profiles
 
 
@@ -129,22 +131,27 @@ def band_fluxes(g: Galaxies, bands: list[str], samples: int = 64) -> dict[str, n
 
 
 def desi_spectra(g: Galaxies, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(flux, error) on the DESI grid, (n, 7781) float32 each. Noise grows at the red end (sky)."""
-    flux = np.empty((len(g), len(DESI_WAVELENGTH)))
-    # a block of objects at a time: the line profiles are (objects, pixels, lines) temporaries
+    """(flux, error) on the DESI grid, (n, 7781) float32 each, with `desi_noise`'s noise."""
+    depth = rng.uniform(0.7, 1.3, (len(g), 1))  # drawn for every object before the pixel noise
+    flux = np.empty((len(g), len(DESI_WAVELENGTH)), np.float32)
+    error = np.empty_like(flux)
+    # a block of objects at a time: the line profiles are (objects, pixels, lines) float64 temporaries
     for first in range(0, len(g), SED_BLOCK):
         block = slice(first, first + SED_BLOCK)
-        flux[block] = observed_sed(g.take(block), DESI_WAVELENGTH)
-    return desi_noise(flux, rng)
+        flux[block], error[block] = _noisy(observed_sed(g.take(block), DESI_WAVELENGTH), depth[block], rng)
+    return flux, error
 
 
 def desi_noise(flux: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(noisy flux, error) float32 from noise-free (n, 7781) float64 `flux`: the DESI
-    noise level, higher at the red end (sky), times a per-object depth factor."""
-    sky = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
-    error = 0.25 * sky[None, :] * rng.uniform(0.7, 1.3, (len(flux), 1))
+    """(noisy flux, error) float32 from noise-free (n, 7781) `flux`: the DESI noise level, higher at
+    the red end (sky), times a per-object depth factor."""
+    return _noisy(flux, rng.uniform(0.7, 1.3, (len(flux), 1)), rng)
+
+
+def _noisy(flux: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    error = 0.25 * DESI_SKY[None, :] * depth
     noisy = rng.standard_normal(flux.shape)
-    noisy *= error  # in place: flux + error x noise without (n, 7781) float64 temporaries
+    noisy *= error  # in place: flux + error x noise without more (n, 7781) float64 temporaries
     noisy += flux
     return noisy.astype(np.float32), error.astype(np.float32)
 
