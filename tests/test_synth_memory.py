@@ -34,16 +34,16 @@ def test_generators_write_in_chunks_with_flat_memory(tmp_path, kind):
 
 
 def test_euclid_desi_resident_memory_stays_flat(tmp_path):
-    """The whole process (NumPy, Arrow buffers, the parquet writer), measured from outside: 8x the
-    objects, with anomalies planted, in chunks of 32, adds little to the peak resident set."""
+    """The whole process (NumPy, Arrow buffers, the parquet writer: what tracemalloc misses), measured
+    from outside: 4x the objects in chunks of 32, with anomalies planted, hardly raise the peak."""
 
     def peak_mb(n: int) -> float:
         code = ("import sys; from fmb.data.synth import euclid_desi as e; "
-                f"e.write(sys.argv[1], {n}, 0, image_size=32, chunk=32, anomalies=0.2)")
+                f"e.write(sys.argv[1], {n}, 0, image_size=16, chunk=32, anomalies=0.2)")
         child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / str(n))], env=os.environ.copy())
         _, status, usage = os.wait4(child.pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        return usage.ru_maxrss / 1024
+        return usage.ru_maxrss / 1024  # Linux: kilobytes
 
-    small, large = peak_mb(32), peak_mb(256)
-    assert large < small + 40, (small, large)
+    small, large = peak_mb(64), peak_mb(256)
+    assert large < 1.25 * small, (small, large)
