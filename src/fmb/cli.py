@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -177,12 +177,15 @@ def data_synth(
     n: Annotated[int, typer.Option("-n", help="Number of objects.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     missing: Annotated[str | None, typer.Option(help="Shares of missing data per modality, e.g. spectra=0.7,metadata=0.3.")] = None,
+    anomalies: Annotated[float | None, typer.Option(help="Share of objects with a planted anomaly (kind in truth_anomaly), e.g. 0.03.")] = None,
 ) -> None:
     """Write synthetic data in the exact schema of a real dataset (latent truth stored as columns)."""
     from fmb.data.synth import parse_missing
     from fmb.models import write_synthetic
 
-    options = {"missing": parse_missing(missing)} if missing else {}
+    options: dict[str, Any] = {"missing": parse_missing(missing)} if missing else {}
+    if anomalies is not None:
+        options["anomalies"] = anomalies
     path = write_synthetic(kind, out, n, seed, **options)
     typer.echo(f"wrote {n} objects of '{kind}' to {path}")
 
