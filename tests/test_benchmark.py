@@ -18,14 +18,17 @@ from fmb.evaluation.benchmark import run_benchmark  # noqa: E402
 
 
 def write_models(tmp_path):
-    """good: the planted signal; noisy: signal plus noise; both with a random-init baseline."""
+    """good: the planted signal; noisy: signal plus noise and a poor prediction of its own (zero-shot
+    `noisy_redshift`); both with a random-init baseline."""
     x, z, labels = planted(n=240)
     rng = np.random.default_rng(7)
     ids = np.arange(500, 740)
     targets = {"redshift": z, "klass": labels}
     noise = rng.standard_normal(x.shape).astype(np.float32)
     write_file(tmp_path / "good.parquet", ids, {"image": x, "joint": x}, **targets)
-    write_file(tmp_path / "noisy.parquet", ids[::-1], {"image": x + 2.0 * noise}, **{k: v[::-1] for k, v in targets.items()})
+    own = z + 0.4 * (1 + z) * rng.standard_normal(len(z))
+    write_file(tmp_path / "noisy.parquet", ids[::-1], {"image": x + 2.0 * noise}, noisy_redshift=own[::-1],
+               **{k: v[::-1] for k, v in targets.items()})
     write_file(tmp_path / "good_random.parquet", ids, {"image": noise, "joint": noise}, **targets)
     write_file(tmp_path / "noisy_random.parquet", ids, {"image": noise * 0.5}, **targets)
 
@@ -61,6 +64,8 @@ def test_leaderboard_ranks_the_planted_signal_first_and_folds_are_frozen(tmp_pat
     assert [e["model"] for e in redshift][:2] == ["good", "good"] and redshift[-1]["model"] == "noisy"
     assert redshift[0]["metric"] == "nmad" and redshift[0]["value"] < redshift[-1]["value"]
     assert not board[("redshift", "noisy", "image")]["tied"]  # clearly worse: intervals apart
+    zero_shot = board[("redshift", "noisy", "noisy_redshift")]  # the model's own prediction, ranked with the probes
+    assert zero_shot["probe"] == "zero-shot" and zero_shot["labels"] == 0.0 and zero_shot == redshift[-1]
     klass = board[("klass", "good", "joint")]
     assert klass["metric"] == "accuracy" and klass["value"] > klass["baseline"] and klass["low"] < klass["value"] < klass["high"]
     with open(tmp_path / "out" / "split.csv") as handle:
@@ -76,7 +81,7 @@ def test_leaderboard_ranks_the_planted_signal_first_and_folds_are_frozen(tmp_pat
     assert all(shared[key] == pytest.approx(r["value"]) for r in again.rows
                for key in [(r["model"], r["embedding"], r["target"], r["probe"], r["labels"], r["metric"])])
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "fmb benchmark" in md and "| 1 | good |" in md and "### Ranks per task" in md
+    assert "fmb benchmark" in md and "| 1 | good |" in md and "### Ranks per task" in md and "| zero-shot |" in md
     similarity = (tmp_path / "out" / "similarity.md").read_text()
     assert "good/image" in similarity and "noisy/image" in similarity
 

@@ -290,6 +290,7 @@ def evaluate(
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     k: Annotated[int, typer.Option(help="Neighbours of the kNN probe.")] = 64,
     fractions: Annotated[str, typer.Option(help="Label fractions for few-shot curves, comma-separated.")] = "0.01,0.1,1.0",
+    draws: Annotated[int, typer.Option(help="Label subsets drawn per fraction below 1 (figures averaged, intervals pooled).")] = 5,
     probes: Annotated[str, typer.Option(help="Probes, comma-separated: knn, linear, mlp.")] = "knn,linear,mlp",
     outlier: Annotated[float, typer.Option(help="Catastrophic redshift outlier: |dz|/(1+z) above this.")] = 0.15,
     plots: Annotated[bool, typer.Option("--plots", help="Also write figures to OUT/plots (needs the plots extra).")] = False,
@@ -307,7 +308,7 @@ def evaluate(
     table = read_catalog(catalog, id_column, mapping) if catalog else None
     rows = run_evaluate([str(p) for p in embeddings], target, [str(p) for p in baseline or []] or None, classify,
                         folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")),
-                        plot_dir=out / "plots" if plots else None, catalog=table, threshold=outlier)
+                        plot_dir=out / "plots" if plots else None, catalog=table, threshold=outlier, draws=draws)
     csv_path, md_path = write_tables(rows, out)
     typer.echo(markdown_table(rows), nl=False)
     typer.echo(f"wrote {csv_path} and {md_path}" + (f" and figures in {out / 'plots'}" if plots else ""))

@@ -38,13 +38,14 @@ from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddin
 from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.evaluation.catalog import SENTINELS, join, read_catalog
 from fmb.evaluation.metrics import OUTLIER_THRESHOLD, is_redshift
-from fmb.evaluation.probes import PROBES, Folds, make_folds
+from fmb.evaluation.probes import FEW_SHOT_DRAWS, PROBES, Folds, make_folds
 from fmb.evaluation.run import (
     FIELDS,
     Task,
     evaluate_task,
     interval,
     is_classification,
+    zero_shot_rows,
 )
 
 log = logging.getLogger("fmb")
@@ -109,6 +110,7 @@ class Suite:
     folds: int = 5
     k: int = 64  # kNN probe neighbours
     bootstrap: int = 1000
+    draws: int = FEW_SHOT_DRAWS  # label subsets per few-shot fraction (below 1)
     outlier_threshold: float = OUTLIER_THRESHOLD
     similarity_k: int = 10
     plots: bool = True
@@ -152,6 +154,8 @@ def load_suite(path: Path, work: Path, out: Path) -> Suite:
         suite.catalog.path = str(_resolve(root, suite.catalog.path))
     if suite.thumbnails:
         suite.thumbnails = str(_resolve(root, suite.thumbnails))
+    if suite.draws < 1:
+        raise ConfigError(f"{path}: draws: {suite.draws}; at least one label draw per few-shot fraction")
     for method in suite.projections:
         if method not in ("umap", "pca"):
             raise ConfigError(f"{path}: projections: '{method}' is not one of umap, pca")
@@ -347,7 +351,10 @@ def run_benchmark(suite_path: Path, out: Path, work: Path | None = None, command
         model_rows, base_rows = model.take(np.flatnonzero(scored)), base.take(np.flatnonzero(scored)) if base else None
         for task in tasks:
             rows += evaluate_task(model_rows, base_rows, task, split.take(scored), suite.folds, suite.k, suite.seed,
-                                  suite.bootstrap, bar, columns=spec.columns or None, collect=predictions)
+                                  suite.bootstrap, bar, columns=spec.columns or None, collect=predictions,
+                                  draws=suite.draws)
+            if not task.classify:  # a model's own predictions of the target (AION's aion_redshift)
+                rows += zero_shot_rows(model_rows, base_rows, task, suite.bootstrap, suite.seed)
     bar.close()
     board = leaderboard(rows, tasks)
 
@@ -380,7 +387,7 @@ def leaderboard(rows: list[dict], tasks: list[Task]) -> list[dict]:
         full = max(task.fractions)
         candidates: dict[tuple[str, str], dict] = {}
         for r in rows:
-            if r["target"] != task.target or r["metric"] != task.rank_by or r["labels"] != full or r["probe"] == "zero-shot":
+            if r["target"] != task.target or r["metric"] != task.rank_by or (r["labels"] != full and r["probe"] != "zero-shot"):
                 continue
             key = (r["model"], r["embedding"])
             best = candidates.get(key)
@@ -429,7 +436,9 @@ def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task],
         unit = f" [{units[task.target]}]" if task.target in units else ""
         better = "lower is better" if task.rank_by in LOWER_IS_BETTER else "higher is better"
         columns = [(p, f) for f in task.fractions for p in task.probes]
-        header = " | ".join(f"{p} {f:.0%}" for p, f in columns)
+        if any(e["probe"] == "zero-shot" for e in entries):  # a model's own predictions, no labels
+            columns.append(("zero-shot", 0.0))
+        header = " | ".join(p if p == "zero-shot" else f"{p} {f:.0%}" for p, f in columns)
         parts += [f"### {task.target}{unit} ({task.kind}; {task.rank_by}, {better})", "",
                   f"| rank | model | embedding | {header} | random init (best probe, {max(task.fractions):.0%}) | n |",
                   "|---" * (len(columns) + 5) + "|"]
@@ -507,7 +516,10 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
                             "embedding and probe; shaded: 95% interval; dashed: random init", path))
         for r in picked:
             del r["line"]
-        leader = leaders[0]
+        probed = [e for e in leaders if e["probe"] != "zero-shot"]  # figures of the best probe trained on labels
+        if not probed:
+            continue
+        leader = probed[0]
         y, results = predictions[(leader["model"], leader["embedding"], task.target)]
         result = next(r for r in results if r.probe == leader["probe"] and r.fraction == leader["labels"])
         name = f"{leader['model']} {leader['embedding']} ({leader['probe']})"
@@ -593,7 +605,7 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
                  str(e["n"])] for e in entries]
         parts.append(table(["rank", "model", "embedding", "best probe", f"{task.rank_by} (all labels)",
                             "random init", "n"], body, 4))
-        others = [r for r in rows if r["target"] == task.target and r["labels"] == max(task.fractions)
+        others = [r for r in rows if r["target"] == task.target and r["labels"] in (max(task.fractions), 0.0)
                   and r["metric"] != task.rank_by and any(e["model"] == r["model"] and e["embedding"] == r["embedding"]
                                                           and e["probe"] == r["probe"] and e["model_best"] for e in entries)]
         if others:
