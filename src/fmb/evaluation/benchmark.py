@@ -426,7 +426,13 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
     return path
 
 
-def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task], units: dict[str, str]) -> str:
+def few_shot_note(draws: int) -> str:
+    return (f"below 100% of the labels, the mean of {draws} label draws with their replicates pooled (which objects are "
+            "scored and which are labelled both vary); zero-shot: a model's own prediction column, no labels used.")
+
+
+def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task], units: dict[str, str],
+                         draws: int = FEW_SHOT_DRAWS) -> str:
     """Per task: the ranked table (every probe and label fraction of the ranking metric), then ranks per model."""
     parts = []
     for task in tasks:
@@ -463,7 +469,7 @@ def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task],
             cells.append(f"{models_ranked.index(model) + 1} ({mine[0]['value']:.3f} {mine[0]['embedding']})" if mine else "")
         parts.append(f"| {model} | " + " | ".join(cells) + " |")
     parts += ["", "`=`: the 95% interval overlaps the leader's (not a significant difference). Intervals: "
-              "bootstrap over the scored objects of the out-of-fold predictions."]
+              f"bootstrap over the scored objects of the out-of-fold predictions; {few_shot_note(draws)}"]
     return "\n".join(parts) + "\n"
 
 
@@ -476,7 +482,7 @@ def write_report(out: Path, suite: Suite, rows: list[dict], board: list[dict], m
     """results.csv, leaderboard.csv / .md, similarity.csv / .md, the figures and report.html."""
     from fmb.evaluation.similarity import markdown as similarity_markdown
 
-    board_md = leaderboard_markdown(board, rows, tasks, units)
+    board_md = leaderboard_markdown(board, rows, tasks, units, suite.draws)
     similarity_md = similarity_markdown(matrix)
     header = f"Suite `{suite.name}` (seed {suite.seed}, {suite.folds} folds frozen in split.csv):\n\n```bash\n{command}\n```\n\n"
     (out / "leaderboard.md").write_text(header + board_md)
@@ -582,7 +588,7 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
         cells = "".join(f"<th>{escape(h)}</th>" for h in head)
         lines = "".join("<tr>" + "".join(f"<td{' class=num' if i >= numeric_from and numeric_from else ''}>{escape(c)}</td>"
                                          for i, c in enumerate(r)) + "</tr>" for r in body)
-        return f"<table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table>"
+        return f"<div class=wide><table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table></div>"
 
     def images(section: str) -> str:
         return "".join(f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,'
@@ -591,8 +597,8 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
 
     parts = [f"<h1>fmb benchmark: {escape(suite.name)}</h1>",
              f"<p>{len(models[0].ids)} objects shared by {len(models)} models; seed {suite.seed}; {suite.folds} folds frozen "
-             f"in <code>split.csv</code>; 95% bootstrap intervals ({suite.bootstrap} replicates) in brackets; "
-             "<b>=</b> marks an interval overlapping the leader's.</p>",
+             f"in <code>split.csv</code>; 95% bootstrap intervals ({suite.bootstrap} replicates) in brackets, "
+             f"{escape(few_shot_note(suite.draws))} <b>=</b> marks an interval overlapping the leader's.</p>",
              f"<pre><code>{escape(command)}</code></pre>", "<h2>Leaderboard</h2>"]
     for task in tasks:
         entries = [e for e in board if e["task"] == task.target]
@@ -644,8 +650,10 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
                  + "</details>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}"
-             "th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}"
-             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:560px}figure img{max-width:100%}"
+             "th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+             ".wide{overflow-x:auto}"  # a table wider than the page (many embeddings) scrolls, the page does not
+             # figures at their own size (100 dpi), shrunk only to the page width: matrix labels stay legible
+             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}figure img{max-width:100%}"
              "figcaption{font-size:0.8em;color:#555}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>fmb benchmark {escape(suite.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
