@@ -551,7 +551,7 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
                 grid = _thumbnails(suite.thumbnails, model.ids[present][rows_drawn], xy)
                 if grid:
                     path = plots.thumbnail_grid(grid, f"{model.name} {column}: UMAP", plot_dir / f"{model.name}__{column}__thumbnails.png")
-                    figures.append(("projections", f"{model.name} {column}: images at their UMAP positions", path))
+                    figures.append(("projections", f"{model.name} {column}: images at their UMAP positions (the central half of each cutout)", path))
     if len(matrix.names) > 1:
         path = plots.similarity_matrices(matrix.names, matrix.cka, matrix.mutual_knn, plot_dir / "similarity.png")
         figures.append(("similarity", f"linear CKA and mutual kNN (k = {matrix.k}) between every pair of embeddings", path))
@@ -572,7 +572,10 @@ def _thumbnails(data: str, ids: np.ndarray, xy: np.ndarray, cells: int = 16) -> 
         data_bytes = image.get("bytes") if isinstance(image, dict) else image  # Euclid+DESI: {bytes, path}
         if data_bytes:
             try:
-                grid[cell] = decode_image(data_bytes)
+                image = decode_image(data_bytes)
+                height, width = image.shape[:2]
+                # the central half: cutouts are mostly sky, and a cell is a few dozen pixels wide
+                grid[cell] = image[height // 4: height - height // 4, width // 4: width - width // 4]
             except DataError as exc:
                 log.info(f"{data}: a thumbnail is not drawn: {exc}")
     return grid
@@ -590,10 +593,14 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
                                          for i, c in enumerate(r)) + "</tr>" for r in body)
         return f"<div class=wide><table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table></div>"
 
+    def figure(caption: str, png: bytes) -> str:
+        # as wide as the PNG (its header's width), so the caption wraps under it and figures sit side by side
+        width = int.from_bytes(png[16:20], "big")
+        return (f'<figure style="width:{width}px"><img alt="{escape(caption)}" src="data:image/png;base64,'
+                f'{base64.b64encode(png).decode()}"><figcaption>{escape(caption)}</figcaption></figure>')
+
     def images(section: str) -> str:
-        return "".join(f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,'
-                       f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{escape(caption)}</figcaption></figure>'
-                       for where, caption, path in figures if where == section)
+        return "".join(figure(caption, path.read_bytes()) for where, caption, path in figures if where == section)
 
     parts = [f"<h1>fmb benchmark: {escape(suite.name)}</h1>",
              f"<p>{len(models[0].ids)} objects shared by {len(models)} models; seed {suite.seed}; {suite.folds} folds frozen "
@@ -648,12 +655,12 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
     parts.append(f"<details><summary>Every figure ({len(rows)} rows, also in results.csv)</summary>"
                  + table(["model", "embedding", "target", "probe", "labels", "metric", "value", "random init", "n"], full, 6)
                  + "</details>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}"
              "th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
              ".wide{overflow-x:auto}"  # a table wider than the page (many embeddings) scrolls, the page does not
              # figures at their own size (100 dpi), shrunk only to the page width: matrix labels stay legible
-             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}figure img{max-width:100%}"
+             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}figure img{width:100%}"
              "figcaption{font-size:0.8em;color:#555}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>fmb benchmark {escape(suite.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
