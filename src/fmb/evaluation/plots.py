@@ -116,6 +116,8 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(y, pred, s=5, alpha=0.6)
     low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    margin = 0.03 * (high - low)  # the extreme points whole, not cut by the frame
+    low, high = low - margin, high + margin
     line = np.linspace(low, high, 50)
     ax.plot(line, line, color="black", linewidth=0.8, label="1:1")
     if outlier is not None:
