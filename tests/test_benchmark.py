@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import re
 
@@ -104,6 +105,9 @@ def test_report_html_is_self_contained_with_every_section(tmp_path, monkeypatch,
     assert figures == ["good__joint__pca.png", "klass__confusion.png", "noisy__image__pca.png", "redshift__few_shot.png",
                        "redshift__scatter.png", "similarity.png"]
     assert len(images) == len(figures)
+    # each figure as wide as its PNG, so captions wrap under it and figures sit side by side
+    widths = [int(w) for w in re.findall(r'<figure style="width:(\d+)px">', html)]
+    assert widths == [int.from_bytes(base64.b64decode(i)[16:20], "big") for i in images]
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing loaded from elsewhere
     assert html.count("<table>") >= 5 and "fmb benchmark " in html
 
@@ -115,6 +119,9 @@ def test_bad_suites_are_clear_errors(tmp_path, monkeypatch, capsys):
     suite = write_suite(tmp_path)
     suite.write_text(suite.read_text().replace("target: klass", "target: mass"))
     with pytest.raises(DataError, match="suite task 'mass'.*no such column"):
+        run_benchmark(suite, tmp_path / "out")
+    suite.write_text(suite.read_text().replace("target: mass", "target: klass").replace("k: 8", "k: 8\ndraws: 0"))
+    with pytest.raises(ConfigError, match="draws: 0; at least one label draw"):
         run_benchmark(suite, tmp_path / "out")
     suite.write_text(suite.read_text().replace("bootstrap:", "bootstraps:"))
     with pytest.raises(ConfigError, match="unknown config key 'bootstraps'.*did you mean 'bootstrap'"):

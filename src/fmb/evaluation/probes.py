@@ -156,6 +156,8 @@ def cross_validate(x: np.ndarray, y: np.ndarray, kind: str, folds: Folds,
     sklearn()
     from threadpoolctl import threadpool_limits
 
+    if draws < 1:
+        raise ConfigError(f"draws = {draws}: a few-shot fraction needs at least one label draw")
     classify = kind == "classification"
     x = np.asarray(x, np.float32)
     results = []
@@ -165,7 +167,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, kind: str, folds: Folds,
         for fraction in fractions:
             for probe in probes:
                 predictions = []
-                for draw in range(1 if fraction >= 1.0 else max(1, draws)):
+                for draw in range(1 if fraction >= 1.0 else draws):
                     pred = np.empty(len(y), dtype=y.dtype if classify else np.float64)
                     for fold in range(folds.count):
                         test = np.flatnonzero(folds.fold == fold)
