@@ -130,6 +130,8 @@ def test_show_gallery_and_similar_write_figures(sample, tmp_path, monkeypatch, c
     pq.write_table(pa.table({"object_id": ids[::-1], "knn": np.arange(len(ids), 0, -1) / 3.0,
                              "anomaly_score": np.linspace(1, 0, len(ids))}), scores)
     assert views.read_scores(scores, 2)[1] == {"anomaly_score": [1.0, 1 - 1 / 13], "knn": [14 / 3, 13 / 3]}
+    assert views.score_lines({"knn": [None], "fused": [0.123456], "truth_anomaly": ["lens"]}, 0) == [
+        "knn = -", "fused = 0.1235", "truth_anomaly = lens"]
     code, _, _ = run_cli(monkeypatch, capsys, "gallery", str(scores), "--data", str(root), "--top", "5",
                          "--out", str(tmp_path / "top.png"))
     assert code == 0

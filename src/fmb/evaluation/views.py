@@ -201,7 +201,8 @@ def score_lines(scores: dict[str, list], position: int) -> list[str]:
     lines = []
     for name, values in scores.items():
         value = values[position]
-        lines.append(f"{name} = {value:.4g}" if isinstance(value, float) else f"{name} = {value}")
+        shown = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else value
+        lines.append(f"{name} = {shown}")
     return lines
 
 
