@@ -79,9 +79,14 @@ def resolve_files(path: str | Path, split: str | None) -> list[Path]:
     return files
 
 
+def data_schema(path: str | Path, split: str | None = None) -> pa.Schema:
+    """The schema of a dataset (its first file's), without reading any rows."""
+    return _inspect(resolve_files(path, split)[0])[0]
+
+
 def column_names(path: str | Path, split: str | None = None) -> list[str]:
     """The columns of a dataset (from its first file's schema), without reading any rows."""
-    return _inspect(resolve_files(path, split)[0])[0].names
+    return data_schema(path, split).names
 
 
 def _split_of(file: Path) -> str:
