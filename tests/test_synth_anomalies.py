@@ -193,3 +193,10 @@ def test_truth_anomaly_travels_into_embedding_files(monkeypatch, capsys, tmp_pat
     assert embedded.schema.field("truth_anomaly").type == pa.string()
     assert embedded.column("truth_anomaly").to_pylist() == truth.column("truth_anomaly").to_pylist()
     assert embedded.column("truth_anomaly").null_count > 0
+    # a text truth column does not disturb the probes of other targets, and is classes when named
+    code, out, err = run_cli(monkeypatch, capsys, "evaluate", str(out), "--target", "redshift", "--target",
+                             "truth_anomaly", "--probes", "knn", "--fractions", "1.0", "--folds", "2", "--k", "3",
+                             "--out", str(tmp_path / "evaluation"))
+    assert code == 0, err
+    rows = (tmp_path / "evaluation" / "results.csv").read_text()
+    assert ",redshift,knn," in rows and ",truth_anomaly,knn,1.0,accuracy," in rows
