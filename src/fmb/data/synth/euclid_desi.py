@@ -80,6 +80,7 @@ class Chunk:
 
 
 def make_chunk(n: int, seed: int, image_size: int = 64) -> Chunk:
+    """`n` normal objects drawn from `seed` (the draws in the order of the first, unchunked generator)."""
     rng = np.random.default_rng(seed)
     g = gal.sample_galaxies(n, rng)
     radius = gal.angular_half_light_pixels(g, PIXEL_SCALE_ARCSEC)
