@@ -121,8 +121,8 @@ def test_show_gallery_and_similar_write_figures(sample, tmp_path, monkeypatch, c
     need("matplotlib")
     root, table = sample
     ids = table.column("object_id").to_numpy()
-    code, out, _ = run_cli(monkeypatch, capsys, "show", str(ids[0]), "--data", str(root), "--out", str(tmp_path / "one.png"))
-    assert code == 0 and "one.png" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "show", str(ids[0]), "--data", str(root), "--out", str(tmp_path / "one"))
+    assert code == 0 and f"wrote {tmp_path / 'one.png'}\n" in out  # the file written: savefig adds .png
     width, height = png_size(tmp_path / "one.png")
     assert width > 1.5 * height > 600
 
@@ -155,3 +155,63 @@ def test_show_gallery_and_similar_write_figures(sample, tmp_path, monkeypatch, c
     code, _, err = run_cli(monkeypatch, capsys, "gallery", str(scores), "--data", str(root), "--scores", "nope",
                            "--out", str(tmp_path / "y.png"))
     assert code == 1 and "ranked.parquet: no column nope; it has object_id, knn, anomaly_score" in err
+
+
+def test_gallery_of_a_data_file_shows_only_numbers_and_texts(sample, tmp_path, monkeypatch, capsys):
+    need("matplotlib")
+    root, table = sample
+    data = sorted((root / "data").glob("*.parquet"))[-1]  # images, arrays and structs among its columns
+    ids, values = views.read_scores(data, 3)
+    assert list(values) == ["targetid", "redshift", "truth_type", "truth_half_light_px"] and len(ids) == 3
+    code, _, err = run_cli(monkeypatch, capsys, "gallery", str(data), "--data", str(root), "--top", "3",
+                           "--out", str(tmp_path / "data.png"))
+    assert code == 0, err
+    for column in ("RGB_image", "VIS_image"):
+        code, _, err = run_cli(monkeypatch, capsys, "gallery", str(data), "--data", str(root), "--scores", column,
+                               "--out", str(tmp_path / "no.png"))
+        assert code == 1 and f"{data}: column {column} holds" in err and "not a score to print" in err
+    ranked = tmp_path / "notes.csv"  # text drawn as it is: as mathtext, $x^$ does not parse
+    ranked.write_text("object_id,note\n" + "".join(f"{i},$x^$\n" for i in table.column("object_id").to_pylist()[:2]))
+    code, _, err = run_cli(monkeypatch, capsys, "gallery", str(ranked), "--data", str(root), "--out", str(tmp_path / "notes.png"))
+    assert code == 0, err
+
+
+def test_empty_tables_and_null_ids_are_errors(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"object_id": pa.array([], pa.int64()), "score": pa.array([], pa.float64())}), empty)
+    with pytest.raises(DataError, match=r"empty\.parquet: no rows"):
+        views.read_scores(empty, 5)
+    (tmp_path / "empty.csv").write_text("object_id,score\n")
+    with pytest.raises(DataError, match=r"empty\.csv: no rows"):
+        views.read_scores(tmp_path / "empty.csv", 5)
+    pq.write_table(pa.table({"object_id": [5, None, 7], "score": [3.0, 2.0, 1.0]}), tmp_path / "holes.parquet")
+    with pytest.raises(DataError, match=r"holes\.parquet: row 2 .*null object_id"):
+        views.read_scores(tmp_path / "holes.parquet", 5)
+    assert views.read_scores(tmp_path / "holes.parquet", 1)[0] == [5]  # only the rows shown need an id
+    (tmp_path / "holes.csv").write_text("object_id,score\n5,3\n7,2\n,1\n")
+    with pytest.raises(DataError, match=r"holes\.csv: row 3 .*null object_id"):
+        views.read_scores(tmp_path / "holes.csv", 5)
+
+
+def test_smoothing_keeps_a_flat_spectrum_flat_to_its_ends():
+    np.testing.assert_allclose(views._smooth(np.full(200, 3.0), 15), 3.0)
+    ramp = np.arange(100.0)
+    ramp[40] = np.nan  # filled by interpolation
+    np.testing.assert_allclose(views._smooth(ramp, 15)[7:-7], np.arange(7.0, 93.0))
+
+
+def test_an_unreadable_image_is_an_empty_panel_and_a_warning(tmp_path, caplog):
+    plt = need("matplotlib.pyplot")
+    path = tmp_path / "broken.parquet"
+    images = pa.array([{"bytes": b"not an image", "path": "a.png"}, None],
+                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"object_id": [1, 2], "RGB_image": images, "redshift": [0.1, 0.2]}), path)
+    with caplog.at_level("WARNING", logger="fmb"):
+        broken, absent = views.read_objects(path, [1, 2])
+    assert f"{path}: object 1: its RGB_image is not drawn" in caplog.text and "object 2" not in caplog.text
+    assert broken.rgb is None and broken.image_unreadable and broken.redshift == pytest.approx(0.1)
+    fig, axes = plt.subplots(1, 2)
+    views.draw_image(axes[0], broken)
+    views.draw_image(axes[1], absent)
+    assert [[t.get_text() for t in ax.texts] for ax in axes] == [["unreadable image"], ["no image"]]
+    plt.close(fig)

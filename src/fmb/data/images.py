@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +30,13 @@ def encode_png(image: np.ndarray) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b"")
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of an `RGB_image` value: a {bytes, path} struct (Euclid+DESI) or bare bytes;
+    None when there are none."""
+    raw = value.get("bytes") if isinstance(value, dict) else value
+    return raw or None
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -560,7 +560,7 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
 
 def _thumbnails(data: str, ids: np.ndarray, xy: np.ndarray, cells: int = 16) -> dict:
     """cell -> image of the object shown there (read only for those objects)."""
-    from fmb.data.images import decode_image
+    from fmb.data.images import decode_image, image_bytes
     from fmb.data.tables import rows_by_id
     from fmb.evaluation.plots import grid_cells
 
@@ -568,8 +568,7 @@ def _thumbnails(data: str, ids: np.ndarray, xy: np.ndarray, cells: int = 16) -> 
     found = rows_by_id(data, ids[list(chosen.values())], ["RGB_image"])
     grid = {}
     for cell, row in zip(chosen, found, strict=True):
-        image = row.get("RGB_image") if row is not None else None
-        data_bytes = image.get("bytes") if isinstance(image, dict) else image  # Euclid+DESI: {bytes, path}
+        data_bytes = image_bytes(row.get("RGB_image")) if row is not None else None
         if data_bytes:
             try:
                 image = decode_image(data_bytes)

@@ -4,13 +4,15 @@ Objects are read by `object_id` from the data the embeddings came from (the Eucl
 `RGB_image` {bytes, path}, the VIS / NISP band arrays, `spectrum` {flux, wavelength}, `redshift`),
 reading only those columns and only the wanted rows (`fmb.data.tables.rows_by_id`). A column the
 data lacks, or a null value, is an empty panel saying "no image" / "no spectrum": missing
-modalities are normal. Spectral lines are marked at the object's redshift where they fall in the
+modalities are normal; image bytes that do not decode are an empty panel "unreadable image" and a
+warning naming the data and the object. Spectral lines are marked at the object's redshift where they fall in the
 spectrum's range (`observed_lines`, vacuum rest wavelengths as DESI spectra are in vacuum).
 Figures need matplotlib (the `plots` extra).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fmb.data.images import decode_image
+from fmb.data.images import decode_image, image_bytes
 from fmb.data.surveys.euclid_desi import DESI_PIXELS, DESI_WAVELENGTH, EUCLID_BAND_COLUMNS
-from fmb.data.tables import column_names, data_schema, rows_by_id
+from fmb.data.tables import data_schema, rows_by_id
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile
 from fmb.errors import DataError
+
+log = logging.getLogger("fmb")
 
 # (name, rest wavelength in vacuum [A], emission or absorption)
 SPECTRAL_LINES = (
@@ -61,6 +65,7 @@ class ObjectData:
     wavelength: np.ndarray | None = None
     flux: np.ndarray | None = None
     redshift: float = float("nan")
+    image_unreadable: bool = False  # the data has image bytes for it, but they do not decode
 
 
 def observed_lines(redshift: float | None, low: float, high: float) -> list[tuple[str, float, str]]:
@@ -83,36 +88,42 @@ def parse_id(text: str, like: np.ndarray | np.dtype) -> Any:
     return text
 
 
-def id_dtype(data: str | Path) -> np.dtype:
-    """The dtype of the data's object_id values (from the schema; no rows read)."""
+def _schema_with_ids(data: str | Path) -> pa.Schema:
+    """The data's schema (no rows read); an error naming the data when it has no object_id column."""
     schema = data_schema(data)
     if "object_id" not in schema.names:
         raise DataError(f"{data}: no object_id column; it has {', '.join(schema.names)}")
-    kind = schema.field("object_id").type
+    return schema
+
+
+def id_dtype(data: str | Path) -> np.dtype:
+    """The dtype of the data's object_id values (from the schema; no rows read)."""
+    kind = _schema_with_ids(data).field("object_id").type
     return np.dtype(np.int64) if pa.types.is_integer(kind) else np.dtype(object)
 
 
 def read_objects(data: str | Path, ids: list | np.ndarray) -> list[ObjectData]:
     """The image, bands, spectrum and redshift of each object of `ids`, in that order. An id the data
     does not hold is an error naming it and the data."""
-    present = set(column_names(data))
+    present = set(_schema_with_ids(data).names)
     wanted = [c for c in (IMAGE_COLUMN, *EUCLID_BAND_COLUMNS, SPECTRUM_COLUMN, REDSHIFT_COLUMN) if c in present]
-    if "object_id" not in present:
-        raise DataError(f"{data}: no object_id column; it has {', '.join(sorted(present))}")
     rows = rows_by_id(data, ids, wanted)
     absent = [str(i) for i, row in zip(ids, rows, strict=True) if row is None]
     if absent:
         raise DataError(f"{data}: no object with object_id {', '.join(absent[:10])}"
                         + (f" (and {len(absent) - 10} more)" if len(absent) > 10 else ""))
-    return [_object(i, row) for i, row in zip(ids, rows, strict=True)]
+    return [_object(data, i, row) for i, row in zip(ids, rows, strict=True)]
 
 
-def _object(object_id: Any, row: dict) -> ObjectData:
+def _object(data: str | Path, object_id: Any, row: dict) -> ObjectData:
     found = ObjectData(object_id)
-    image = row.get(IMAGE_COLUMN)
-    raw = image.get("bytes") if isinstance(image, dict) else image
+    raw = image_bytes(row.get(IMAGE_COLUMN))
     if raw:
-        found.rgb = decode_image(raw)
+        try:
+            found.rgb = decode_image(raw)
+        except DataError as exc:
+            found.image_unreadable = True
+            log.warning(f"{data}: object {object_id}: its {IMAGE_COLUMN} is not drawn: {exc}")
     for column, band in BAND_NAMES.items():
         value = row.get(column)
         if value is not None and np.asarray(value).ndim == 2 and np.asarray(value).size:
@@ -167,7 +178,9 @@ def similar_objects(embeddings: EmbeddingFile, object_id: Any, column: str | Non
 
 def read_scores(table: str | Path, top: int, scores: list[str] | None = None) -> tuple[list[Any], dict[str, list]]:
     """The first `top` object ids of a ranked table (parquet or CSV with object_id, e.g. `fmb detect`'s)
-    and the values of the score columns to show (default: the fused score first, at most 4)."""
+    and the values of the score columns to show (default: the fused score first, then other number or
+    text columns, at most 4). A table without rows, a null id among the first `top` rows, or a score
+    column of images, arrays or structs is an error naming the table."""
     path = Path(table)
     if not path.is_file():
         raise DataError(f"table not found: {path}")
@@ -175,23 +188,41 @@ def read_scores(table: str | Path, top: int, scores: list[str] | None = None) ->
         import pyarrow.csv as pa_csv
 
         data = pa_csv.read_csv(path)
-        names = data.column_names
+        schema = data.schema
     else:
-        names = pq.read_schema(path).names
+        schema = pq.read_schema(path)
+    names = schema.names
     if "object_id" not in names:
         raise DataError(f"{path}: no object_id column; it has {', '.join(names)}")
-    chosen = scores if scores is not None else _default_scores(names)
+    chosen = scores if scores is not None else _default_scores(schema)
     unknown = [c for c in chosen if c not in names]
     if unknown:
         raise DataError(f"{path}: no column {', '.join(unknown)}; it has {', '.join(names)}")
+    for column in chosen:
+        if not _printable(schema.field(column).type):
+            raise DataError(f"{path}: column {column} holds {schema.field(column).type} values, not a score to print; "
+                            "--scores takes number or text columns")
     if path.suffix != ".csv":
         data = pq.read_table(path, columns=list(dict.fromkeys(["object_id", *chosen])))
+    if not data.num_rows:
+        raise DataError(f"{path}: no rows")
     head = data.slice(0, top)
-    return head.column("object_id").to_pylist(), {c: head.column(c).to_pylist() for c in chosen}
+    ids = head.column("object_id").to_pylist()
+    if None in ids:
+        raise DataError(f"{path}: row {ids.index(None) + 1} (counting data rows from 1) has a null object_id")
+    return ids, {c: head.column(c).to_pylist() for c in chosen}
 
 
-def _default_scores(names: list[str], most: int = 4) -> list[str]:
-    others = [c for c in names if c != "object_id"]
+def _printable(kind: pa.DataType) -> bool:
+    """A number or a text: one line under an object (not image bytes, arrays or structs)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind))
+
+
+def _default_scores(schema: pa.Schema, most: int = 4) -> list[str]:
+    others = [f.name for f in schema if f.name != "object_id" and _printable(f.type)]
     first = [c for c in HEADLINE_SCORES if c in others]
     return (first + [c for c in others if c not in first])[:most]
 
@@ -213,7 +244,7 @@ def _empty(ax: Any, text: str, square: bool = False) -> None:
     ax.set_facecolor("#f4f4f4")
     if square:  # the shape an image would have had
         ax.set_aspect("equal")
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777", fontsize=8)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777", fontsize=8, parse_math=False)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -232,13 +263,13 @@ def _stretch(band: np.ndarray) -> np.ndarray:
 
 def draw_image(ax: Any, item: ObjectData, title: str | None = None) -> None:
     if item.rgb is None:
-        _empty(ax, "no image", square=True)
+        _empty(ax, "unreadable image" if item.image_unreadable else "no image", square=True)
     else:
         ax.imshow(item.rgb, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=8, parse_math=False)
 
 
 def draw_band(ax: Any, item: ObjectData, band: str) -> None:
@@ -252,10 +283,14 @@ def draw_band(ax: Any, item: ObjectData, band: str) -> None:
 
 
 def _smooth(flux: np.ndarray, width: int) -> np.ndarray:
-    """Boxcar mean over `width` pixels, non-finite pixels filled by interpolation first."""
+    """Boxcar mean over `width` pixels (fewer at the ends: the mean of those there), non-finite pixels
+    filled by interpolation first."""
     good = np.isfinite(flux)
     filled = np.interp(np.arange(len(flux)), np.flatnonzero(good), flux[good]) if not good.all() else flux
-    return np.convolve(filled, np.ones(width) / width, mode="same") if len(flux) > width else filled
+    if len(flux) <= width:
+        return filled
+    box = np.ones(width)
+    return np.convolve(filled, box, mode="same") / np.convolve(np.ones(len(flux)), box, mode="same")
 
 
 def draw_spectrum(ax: Any, item: ObjectData, smooth: int = 15, labels: bool = True, raw: bool = True) -> None:
@@ -298,7 +333,7 @@ def show_object(item: ObjectData, path: Path, notes: list[str] | None = None) ->
     spectrum = fig.add_subplot(grid[1, :])
     draw_spectrum(spectrum, item)
     spectrum.set_ylabel("flux", fontsize=7)
-    fig.suptitle("; ".join([f"object {item.object_id}", redshift, *(notes or [])]), fontsize=10)
+    fig.suptitle("; ".join([f"object {item.object_id}", redshift, *(notes or [])]), fontsize=10, parse_math=False)
     return _save(fig, plt, path)
 
 
@@ -321,18 +356,21 @@ def gallery(items: list[ObjectData], texts: list[list[str]], path: Path, title: 
         draw_spectrum(spectrum_ax, item, labels=False, raw=False)
         spectrum_ax.set_xlabel("")
         redshift = f"z = {item.redshift:.3f}" if np.isfinite(item.redshift) else ""
-        spectrum_ax.set_title("   ".join([str(item.object_id), redshift]), fontsize=7, loc="left")
-        image_ax.set_title("\n".join(lines), fontsize=6, loc="left")
+        spectrum_ax.set_title("   ".join([str(item.object_id), redshift]), fontsize=7, loc="left", parse_math=False)
+        image_ax.set_title("\n".join(lines), fontsize=6, loc="left", parse_math=False)
         if position == highlight:
             for side in image_ax.spines.values():
                 side.set(color="red", linewidth=2.0, visible=True)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, parse_math=False)
     return _save(fig, plt, path)
 
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
+    """Writes the figure; returns the path written (a name without suffix gets .png, as savefig does)."""
     path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
