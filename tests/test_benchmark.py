@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import io
 import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from fmb.errors import ConfigError, DataError
@@ -15,7 +18,7 @@ from tests.extras import need
 from tests.test_evaluation import planted, write_file
 
 need("sklearn")
-from fmb.evaluation.benchmark import run_benchmark  # noqa: E402
+from fmb.evaluation.benchmark import few_shot_lines, run_benchmark  # noqa: E402
 
 
 def write_models(tmp_path):
@@ -88,7 +91,7 @@ def test_leaderboard_ranks_the_planted_signal_first_and_folds_are_frozen(tmp_pat
 
 
 def test_report_html_is_self_contained_with_every_section(tmp_path, monkeypatch, capsys):
-    need("matplotlib")
+    plt = need("matplotlib.pyplot")
     write_models(tmp_path)
     suite = write_suite(tmp_path, plots="true")
     code, out, err = run_cli(monkeypatch, capsys, "benchmark", str(suite), "--out", str(tmp_path / "out"))
@@ -107,7 +110,8 @@ def test_report_html_is_self_contained_with_every_section(tmp_path, monkeypatch,
     assert len(images) == len(figures)
     # each figure as wide as its PNG, so captions wrap under it and figures sit side by side
     widths = [int(w) for w in re.findall(r'<figure style="width:(\d+)px">', html)]
-    assert widths == [int.from_bytes(base64.b64decode(i)[16:20], "big") for i in images]
+    decoded = [plt.imread(io.BytesIO(base64.b64decode(i))) for i in images]
+    assert widths == [image.shape[1] for image in decoded] and any(image.shape[0] != image.shape[1] for image in decoded)
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing loaded from elsewhere
     assert html.count("<table>") >= 5 and "fmb benchmark " in html
 
@@ -131,3 +135,25 @@ def test_bad_suites_are_clear_errors(tmp_path, monkeypatch, capsys):
     assert code == 2 and "at least one entry under models:" in err
     code, _, err = run_cli(monkeypatch, capsys, "benchmark")
     assert code == 2 and "--demo" in err
+
+
+def test_figures_show_the_probes_trained_on_labels_when_zero_shot_leads(tmp_path):
+    need("matplotlib")
+    write_models(tmp_path)
+    for name in ("good", "noisy"):  # both models predict the redshift themselves better than any probe
+        path = tmp_path / f"{name}.parquet"
+        table = pq.read_table(path).drop_columns([c for c in ("noisy_redshift",) if name == "noisy"])
+        own = pa.array(table.column("redshift").to_numpy() * (1 + 1e-4))
+        pq.write_table(table.append_column(f"{name}_redshift", own), path)
+    result = run_benchmark(write_suite(tmp_path, plots="true"), tmp_path / "out")
+    best = [e for e in result.leaderboard if e["task"] == "redshift" and e["model_best"]]
+    assert [e["probe"] for e in best] == ["zero-shot", "zero-shot"]
+    assert (tmp_path / "out" / "plots" / "redshift__scatter.png").is_file()
+    lines = few_shot_lines(result.leaderboard, result.rows, "redshift")
+    for model in ("good", "noisy"):
+        trained = next(e for e in result.leaderboard if e["task"] == "redshift" and e["model"] == model
+                       and e["probe"] != "zero-shot")
+        curve = {r["labels"] for r in lines if r["line"] == f"{model} {trained['embedding']} ({trained['probe']})"}
+        assert curve == {0.2, 1.0}
+        assert [r["labels"] for r in lines if r["line"] == f"{model} {model}_redshift"] == [0.0]
+    assert {r["metric"] for r in lines} == {"nmad"}

@@ -379,8 +379,9 @@ def _task(spec: TaskSpec, sample: EmbeddingFile, threshold: float) -> Task:
 
 
 def leaderboard(rows: list[dict], tasks: list[Task]) -> list[dict]:
-    """Per task: each (model, embedding)'s best probe with all labels on the task's metric, ranked (1 = best).
-    `tied` marks an entry whose 95% interval overlaps the leader's."""
+    """Per task: each (model, embedding)'s best figure on the task's metric, ranked (1 = best): its best
+    probe trained on all the labels or, for a model's own prediction column, that column scored as it is
+    (probe "zero-shot", no labels). `tied` marks an entry whose 95% interval overlaps the leader's."""
     board = []
     for task in tasks:
         lower = task.rank_by in LOWER_IS_BETTER
@@ -508,35 +509,28 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
 
     figures = []
     for task in tasks:
-        leaders = [e for e in board if e["task"] == task.target and e["model_best"]]
-        if not leaders:
-            continue
-        picked = [r for e in leaders for r in rows if r["model"] == e["model"] and r["embedding"] == e["embedding"]
-                  and r["target"] == task.target and r["probe"] == e["probe"] and r["metric"] == task.rank_by]
-        for r in picked:
-            r["line"] = f"{r['model']} {r['embedding']} ({r['probe']})"
-        if len(task.fractions) > 1:
-            path = plots.few_shot(picked, task.rank_by, f"{task.target}: few-shot", plot_dir / f"{task.target}__few_shot.png",
-                                  key="line")
+        trained = [e for e in board if e["task"] == task.target and e["probe"] != "zero-shot"]
+        if len(task.fractions) > 1 and trained:
+            path = plots.few_shot(few_shot_lines(board, rows, task.target), task.rank_by, f"{task.target}: few-shot",
+                                  plot_dir / f"{task.target}__few_shot.png", key="line")
             figures.append((task.target, f"{task.rank_by} against the fraction of training labels, each model's best "
-                            "embedding and probe; shaded: 95% interval; dashed: random init", path))
-        for r in picked:
-            del r["line"]
-        probed = [e for e in leaders if e["probe"] != "zero-shot"]  # figures of the best probe trained on labels
-        if not probed:
+                            "embedding and probe trained on labels; shaded: 95% interval; dashed: random init; dotted: "
+                            "the model's best zero-shot prediction", path))
+        if not trained:
             continue
-        leader = probed[0]
+        leader = trained[0]  # the scatter / confusion of the best probe trained on labels
         y, results = predictions[(leader["model"], leader["embedding"], task.target)]
         result = next(r for r in results if r.probe == leader["probe"] and r.fraction == leader["labels"])
         name = f"{leader['model']} {leader['embedding']} ({leader['probe']})"
         if task.classify:
             path = plots.confusion(result.confusion, result.classes, f"{task.target}: {name}",
                                    plot_dir / f"{task.target}__confusion.png")
-            figures.append((task.target, f"confusion matrix of the leader, {name} (out of fold)", path))
+            figures.append((task.target, f"confusion matrix of the best probe trained on labels, {name} (out of fold)", path))
         else:
             path = plots.prediction_scatter(y, result.predictions, f"{task.target}: {name}", plot_dir / f"{task.target}__scatter.png",
                                             task.threshold if task.kind == "redshift" else None)
-            figures.append((task.target, f"out-of-fold predictions of the leader, {name}, against the truth", path))
+            figures.append((task.target, f"out-of-fold predictions of the best probe trained on labels, {name}, "
+                            "against the truth", path))
     for model in models:
         column = "joint" if "joint" in model.embeddings else next(iter(model.embeddings))
         x = model.embeddings[column]
@@ -556,6 +550,20 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
         path = plots.similarity_matrices(matrix.names, matrix.cka, matrix.mutual_knn, plot_dir / "similarity.png")
         figures.append(("similarity", f"linear CKA and mutual kNN (k = {matrix.k}) between every pair of embeddings", path))
     return figures
+
+
+def few_shot_lines(board: list[dict], rows: list[dict], target: str) -> list[dict]:
+    """The rows of the few-shot figure of `target`, `line` naming the line each is on: per model, its best
+    entry trained on labels at every fraction, and its best zero-shot prediction (one row, drawn across)."""
+    lines = []
+    for model in dict.fromkeys(e["model"] for e in board if e["task"] == target):
+        mine = [e for e in board if e["task"] == target and e["model"] == model]
+        best = [next((e for e in mine if (e["probe"] == "zero-shot") == zero_shot), None) for zero_shot in (False, True)]
+        for e in filter(None, best):
+            name = f"{model} {e['embedding']}" + ("" if e["probe"] == "zero-shot" else f" ({e['probe']})")
+            lines += [{**r, "line": name} for r in rows if r["model"] == model and r["embedding"] == e["embedding"]
+                      and r["target"] == target and r["probe"] == e["probe"] and r["metric"] == e["metric"]]
+    return lines
 
 
 def _thumbnails(data: str, ids: np.ndarray, xy: np.ndarray, cells: int = 16) -> dict:

@@ -158,6 +158,7 @@ def estimates(draws: list[Samples]) -> dict[str, Estimate]:
     """Per metric, the mean of the draws' figures with the 95% percentile interval of their bootstrap
     replicates pooled: with several label draws (few-shot) the interval covers both which objects
     were scored and which were labelled."""
+    # an interval for one draw's figure, not for the mean over draws: wider, so conservative for the leaderboard's ties
     return {name: _estimate(float(np.mean([d[name][0] for d in draws])), [d[name][1] for d in draws]) for name in draws[0]}
 
 
