@@ -512,7 +512,7 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
         trained = [e for e in board if e["task"] == task.target and e["probe"] != "zero-shot"]
         if len(task.fractions) > 1 and trained:
             path = plots.few_shot(few_shot_lines(board, rows, task.target), task.rank_by, f"{task.target}: few-shot",
-                                  plot_dir / f"{task.target}__few_shot.png", key="line")
+                                  plot_dir / f"{task.target}__few_shot.png", key="line", group="model")
             figures.append((task.target, f"{task.rank_by} against the fraction of training labels, each model's best "
                             "embedding and probe trained on labels; shaded: 95% interval; dashed: random init; dotted: "
                             "the model's best zero-shot prediction", path))

@@ -129,25 +129,31 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
     return _save(fig, plt, path)
 
 
-def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "probe") -> Path:
+def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "probe", group: str | None = None) -> Path:
     """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
-    95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across."""
+    95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across, in
+    the colour of the curve of their `group` (e.g. the same model), else grey."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
-    for name in sorted({r[key] for r in rows}):
-        mine = sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
-        if mine and all(r["labels"] == 0 for r in mine):
-            ax.axhline(mine[0]["value"], linestyle=":", color="grey", label=f"{name} (zero-shot)")
-            continue
+    lines = {name: sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
+             for name in sorted({r[key] for r in rows})}
+    colours: dict[Any, str] = {}  # group -> colour of its curve
+    for name, mine in lines.items():
         mine = [r for r in mine if r["labels"] > 0]
-        if not mine:
+        if not mine:  # zero-shot: drawn after the curves, whose colours it takes
             continue
         fractions = [r["labels"] for r in mine]
         line = ax.plot(fractions, [r["value"] for r in mine], marker="o", label=name)[0]
+        if group:
+            colours.setdefault(mine[0][group], line.get_color())
         ax.fill_between(fractions, [r["low"] for r in mine], [r["high"] for r in mine], color=line.get_color(), alpha=0.2)
         if all(r["baseline"] is not None for r in mine):
             ax.plot(fractions, [r["baseline"] for r in mine], linestyle="--", color=line.get_color(),
                     label=f"{name} (random init)")
+    for name, mine in lines.items():
+        if mine and all(r["labels"] == 0 for r in mine):
+            colour = colours.get(mine[0][group], "grey") if group else "grey"
+            ax.axhline(mine[0]["value"], linestyle=":", color=colour, label=f"{name} (zero-shot)")
     ax.set(title=title, xlabel="fraction of labels", ylabel=metric, xscale="log")
     ax.legend(fontsize=7)
     return _save(fig, plt, path)
