@@ -157,3 +157,5 @@ def test_figures_show_the_probes_trained_on_labels_when_zero_shot_leads(tmp_path
         assert curve == {0.2, 1.0}
         assert [r["labels"] for r in lines if r["line"] == f"{model} {model}_redshift"] == [0.0]
     assert {r["metric"] for r in lines} == {"nmad"}
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "dotted: the model&#x27;s best zero-shot prediction" in html and "predictions of the best probe trained on labels, good " in html

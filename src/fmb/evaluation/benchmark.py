@@ -511,11 +511,13 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
     for task in tasks:
         trained = [e for e in board if e["task"] == task.target and e["probe"] != "zero-shot"]
         if len(task.fractions) > 1 and trained:
-            path = plots.few_shot(few_shot_lines(board, rows, task.target), task.rank_by, f"{task.target}: few-shot",
-                                  plot_dir / f"{task.target}__few_shot.png", key="line", group="model")
+            lines = few_shot_lines(board, rows, task.target)
+            path = plots.few_shot(lines, task.rank_by, f"{task.target}: few-shot", plot_dir / f"{task.target}__few_shot.png",
+                                  key="line", group="model")
+            zero_shot = "; dotted: the model's best zero-shot prediction" if any(r["labels"] == 0 for r in lines) else ""
             figures.append((task.target, f"{task.rank_by} against the fraction of training labels, each model's best "
-                            "embedding and probe trained on labels; shaded: 95% interval; dashed: random init; dotted: "
-                            "the model's best zero-shot prediction", path))
+                            f"embedding and probe trained on labels; shaded: 95% interval; dashed: random init{zero_shot}",
+                            path))
         if not trained:
             continue
         leader = trained[0]  # the scatter / confusion of the best probe trained on labels
