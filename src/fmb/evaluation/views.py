@@ -5,8 +5,9 @@ Objects are read by `object_id` from the data the embeddings came from (the Eucl
 reading only those columns and only the wanted rows (`fmb.data.tables.rows_by_id`). A column the
 data lacks, or a null value, is an empty panel saying "no image" / "no spectrum": missing
 modalities are normal; image bytes that do not decode are an empty panel "unreadable image" and a
-warning naming the data and the object. Spectral lines are marked at the object's redshift where they fall in the
-spectrum's range (`observed_lines`, vacuum rest wavelengths as DESI spectra are in vacuum).
+warning naming the data and the object. Spectral lines are marked at the object's redshift where
+they fall in the spectrum's range (`observed_lines`, vacuum rest wavelengths as DESI spectra are in
+vacuum). Text is drawn as it is (parse_math off: a `$` in an id or a score is not mathtext).
 Figures need matplotlib (the `plots` extra).
 """
 
