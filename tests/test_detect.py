@@ -95,8 +95,9 @@ def test_percentiles_share_ties_and_fusion_modes():
         np.testing.assert_allclose(anomaly.fuse([a, b], "gmean"), [0.5, 0.5, 0.8, np.nan])
         np.testing.assert_allclose(anomaly.fuse([a, b], "min"), [0.25, 0.5, 0.8, np.nan])
         np.testing.assert_allclose(anomaly.fuse([a, b], "mean"), [0.625, 0.5, 0.8, np.nan])
-    with pytest.raises(ConfigError, match="choose gmean, min, mean"):
-        anomaly.fuse([a], "max")
+        np.testing.assert_allclose(anomaly.fuse([a, b], "max"), [1.0, 0.5, 0.8, np.nan])
+    with pytest.raises(ConfigError, match="choose gmean, min, mean, max"):
+        anomaly.fuse([a], "median")
 
 
 def aligned_pair(n=200, d=16, seed=0):

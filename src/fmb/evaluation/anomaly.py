@@ -72,11 +72,11 @@ def neighbours(x: np.ndarray, k: int, method: str = "auto", nprobe: int = 32, se
 
 def exact_neighbours(x: np.ndarray, k: int) -> Neighbours:
     unit = unit_rows(x)
-    index, similarity = _exact_search(unit, np.arange(len(unit)), k)
+    index, similarity = exact_search(unit, np.arange(len(unit)), k)
     return Neighbours(index, (1.0 - similarity).clip(0.0, 2.0))
 
 
-def _exact_search(unit: np.ndarray, rows: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(unit: np.ndarray, rows: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """(indices, cosine similarities) of the k nearest other rows of `unit` for each of `rows`."""
     base = torch.from_numpy(unit)
     index, similarity = [], []
@@ -112,7 +112,7 @@ def faiss_neighbours(x: np.ndarray, k: int, nprobe: int = 32, seed: int = 0) -> 
     out_sims = np.take_along_axis(sims, first, axis=1)
     short = np.flatnonzero(keep.sum(1) < k)
     if len(short):
-        out_index[short], out_sims[short] = _exact_search(unit, short, k)
+        out_index[short], out_sims[short] = exact_search(unit, short, k)
     return Neighbours(out_index, (1.0 - out_sims).clip(0.0, 2.0))
 
 
@@ -154,7 +154,7 @@ class FlowOptions:
     components: int = 16  # PCA components the flow models
     transforms: int = 4  # autoregressive transforms
     hidden: int = 64  # width of the two hidden layers of each transform
-    epochs: int = 30
+    epochs: int = 20
     batch: int = 256
     lr: float = 1e-3
     clip: float = 5.0  # standardised PCA coordinates are clipped to +-clip
@@ -171,13 +171,24 @@ def flow_nll(x: np.ndarray, options: FlowOptions | None = None, seed: int = 0) -
     """Negative log-density of each row under a masked autoregressive flow (zuko) fitted to the
     rows' standardised, clipped PCA coordinates. Seeded: the same rows give the same scores on CPU."""
     options = options or FlowOptions()
-    zuko = discovery_import("zuko")
     decomposition = discovery_import("sklearn.decomposition")
     rng = np.random.default_rng(seed)
     fit_rows = np.sort(rng.choice(len(x), min(len(x), options.fit_sample), replace=False))
     components = max(1, min(options.components, x.shape[1], len(fit_rows) - 1))
     pca = decomposition.PCA(components, whiten=True, random_state=seed).fit(x[fit_rows])
     z = torch.from_numpy(pca.transform(x).clip(-options.clip, options.clip).astype(np.float32))
+    threads = torch.get_num_threads()
+    # batches of 256 x 64: one thread is fastest, and on a busy machine two threads waiting on
+    # each other made it 20-40x slower (benchmarks/discovery_bench.py)
+    torch.set_num_threads(1)
+    try:
+        return _fit_and_score(z, fit_rows, components, options, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_and_score(z: torch.Tensor, fit_rows: np.ndarray, components: int, options: FlowOptions, seed: int) -> np.ndarray:
+    zuko = discovery_import("zuko")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         # one feature has no autoregressive structure to model; zuko's MAF wants >= 2
@@ -217,20 +228,22 @@ def percentile(scores: np.ndarray) -> np.ndarray:
     return out
 
 
-FUSIONS = ("gmean", "min", "mean")
+FUSIONS = ("gmean", "min", "mean", "max")
 
 
 def fuse(percentiles: list[np.ndarray], how: str = "gmean") -> np.ndarray:
-    """Per object, the geometric mean, minimum or mean of the percentiles it has; NaN (without a
-    NumPy warning) where it has none."""
+    """Per object, the geometric mean, minimum, mean or maximum of the percentiles it has; NaN
+    (without a NumPy warning) where it has none. `min` asks every score to agree; `max` keeps an
+    object any one score finds (a kind only one scorer sees, such as a mismatch, is diluted by the others)."""
     if how not in FUSIONS:
         raise ConfigError(f"fusion '{how}': choose {', '.join(FUSIONS)}")
     stack = np.stack(percentiles)
     finite = np.isfinite(stack)
     count = finite.sum(0)
-    if how == "min":
-        low = np.where(finite, stack, np.inf).min(0)
-        return np.where(count > 0, low, np.nan)
+    if how in ("min", "max"):
+        fill = np.inf if how == "min" else -np.inf
+        extreme = getattr(np.where(finite, stack, fill), how)(0)
+        return np.where(count > 0, extreme, np.nan)
     values = np.log(np.where(finite, stack, 1.0)) if how == "gmean" else np.where(finite, stack, 0.0)
     mean = np.divide(values.sum(0), count, out=np.full(count.shape, np.nan), where=count > 0)
     return np.exp(mean) if how == "gmean" else mean

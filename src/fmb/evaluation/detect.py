@@ -228,6 +228,8 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
         anomaly.discovery_import("sklearn")
     if options.wants("flow"):
         anomaly.discovery_import("zuko")
+    stage = stage or (lambda name: log.info(f"{name}"))
+    stage("load")
     loaded = [load_embeddings(p) for p in paths]
     names = model_names(loaded)
     files, overlap = overlap_report(loaded)
@@ -235,12 +237,13 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
     timings: dict[str, float] = {}
     scores, exclusions, graphs = [], [], {}
     for f, model in zip(files, names, strict=True):
-        s, e, g = score_file(f, model, options, stage or (lambda name: log.info(f"scoring {name}")), timings)
+        s, e, g = score_file(f, model, options, stage, timings)
         scores += s
         exclusions += e
         graphs.update(g)
     if not scores:
         raise DataError("no score could be computed: " + ", ".join(paths) + " have too few usable embeddings")
+    stage("fusion and reports")
     percentiles = {s.name: anomaly.percentile(s.values) for s in scores}
     model_scores = {}
     for model in names:
@@ -253,6 +256,7 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
     result = Detection(ids, names, scores, percentiles, model_scores, anomaly_score, selected, truth, graphs,
                        overlap, exclusions, timings)
     write(result, Path(out_dir), options)
+    stage("done")
     return result
 
 

@@ -1,0 +1,195 @@
+"""`fmb detect` at survey scale: every scorer on N objects x 3 models x 512-d embeddings.
+
+For each size (a fresh process each, so the memory figures are its own) three embedding files are
+written in chunks of 10k rows: per model an image and a spectrum column, both a random projection of
+one shared 32-d latent (a mixture of 64 clusters) plus noise, so neighbours, densities and the
+cross-modal cosine mean something; 0.5% of objects have a far-off latent (`outlier`) and 0.5% the
+spectrum of another object (`swap`), as `truth_anomaly`. Then `detect` runs end to end (load, every
+scorer on every column, fusion, truth and agreement tables), and the script prints wall time and
+peak RSS per scorer (RSS sampled every 20 ms while that scorer runs) and in total, the growth from
+the smallest size, the AUROC of each kind as a sanity check, and the neighbour search against its
+peer, exact search: recall@k of faiss on a sample of queries, and exact search's time on those
+queries scaled to every object.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 python benchmarks/discovery_bench.py --sizes 10000,100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MODELS = ("model_a", "model_b", "model_c")
+LATENT, CLUSTERS, CHUNK = 32, 64, 10_000
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakByStage:
+    """Samples RSS in a thread; the peak is kept per stage name (set by detect's `stage` callback)."""
+
+    def __init__(self) -> None:
+        self.stage, self.peaks, self.running = "start", {}, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def __call__(self, name: str) -> None:
+        self._record()
+        self.stage = name
+
+    def _record(self) -> None:
+        self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), rss_mib())
+
+    def _sample(self) -> None:
+        while self.running:
+            self._record()
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join()
+
+
+def write_files(n: int, dim: int, directory: Path, seed: int = 0) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CLUSTERS, LATENT)) * 2.0
+    projections = [rng.standard_normal((LATENT, dim)).astype(np.float32) / np.sqrt(LATENT) for _ in MODELS]
+    paths = [directory / f"{m}.parquet" for m in MODELS]
+    writers = None
+    for start in range(0, n, CHUNK):
+        rows = min(CHUNK, n - start)
+        part = np.random.default_rng([seed, start])
+        latent = centres[part.integers(0, CLUSTERS, rows)] + part.standard_normal((rows, LATENT))
+        kind = np.array([None] * rows, dtype=object)
+        draw = part.random(rows)
+        outlier, swap = draw < 0.005, (draw >= 0.005) & (draw < 0.01)
+        latent[outlier] = part.standard_normal((outlier.sum(), LATENT)) * 6.0
+        kind[outlier], kind[swap] = "outlier", "swap"
+        spectrum_latent = latent.copy()
+        spectrum_latent[swap] = latent[part.permutation(np.flatnonzero(~outlier & ~swap))[: swap.sum()]]
+        tables = []
+        for w in projections:
+            image = latent.astype(np.float32) @ w + 0.3 * part.standard_normal((rows, dim), dtype=np.float32)
+            spectrum = spectrum_latent.astype(np.float32) @ w + 0.3 * part.standard_normal((rows, dim), dtype=np.float32)
+            columns = {"object_id": pa.array(np.arange(start, start + rows, dtype=np.int64)),
+                       "truth_anomaly": pa.array(kind.tolist(), pa.string())}
+            for name, matrix in (("image", image), ("spectrum", spectrum)):
+                columns[f"embedding_{name}"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim)
+            tables.append(pa.table(columns))
+        writers = writers or [pq.ParquetWriter(p, t.schema) for p, t in zip(paths, tables, strict=True)]
+        for writer, table in zip(writers, tables, strict=True):
+            writer.write_table(table)
+    for writer in writers:
+        writer.close()
+    return paths
+
+
+def one_size(n: int, dim: int, recall_queries: int, search: str) -> dict:
+    from fmb.embeddings import load_embeddings
+    from fmb.evaluation import anomaly
+    from fmb.evaluation.detect import DetectOptions, detect
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        paths = write_files(n, dim, Path(tmp))
+        generate = time.perf_counter() - start
+        rss_before = rss_mib()
+        peaks = PeakByStage()
+        start = time.perf_counter()
+        result = detect([str(p) for p in paths], Path(tmp) / "out", DetectOptions(neighbour_search=search), stage=peaks)
+        total = time.perf_counter() - start
+        peaks.stop()
+        truth_rows = _rows(Path(tmp) / "out" / "truth.csv")
+        truth = {r["kind"]: r["auroc"] for r in truth_rows if r["score"] == "anomaly_score"}
+        best = {}
+        for r in truth_rows:
+            if r["kind"] not in best or r["auroc"] > best[r["kind"]][1]:
+                best[r["kind"]] = (r["score"], r["auroc"])
+        by_scorer: dict[str, float] = {}
+        for stage, peak in peaks.peaks.items():
+            scorer = stage.rsplit("/", 1)[-1]
+            by_scorer[scorer] = max(by_scorer.get(scorer, 0.0), peak)
+        # the neighbour search against exact search, on a sample of queries of the first column
+        rows, nb = result.neighbours[f"{MODELS[0]}/image"]
+        x = load_embeddings(paths[0]).embeddings["image"][rows]
+        unit = anomaly.unit_rows(x)
+        queries = np.random.default_rng(1).choice(len(unit), min(recall_queries, len(unit)), replace=False)
+        start = time.perf_counter()
+        exact_index, _ = anomaly.exact_search(unit, queries, nb.k)
+        exact_seconds = (time.perf_counter() - start) * len(unit) / len(queries)
+        recall = float(np.mean([len(np.intersect1d(a, e)) / nb.k for a, e in zip(nb.index[queries], exact_index, strict=True)]))
+    columns = len(result.scores)
+    return {"n": n, "dim": dim, "scores": columns, "generate_s": generate, "total_s": total,
+            "rss_before_mib": rss_before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "time_s": result.timings, "peak_mib": by_scorer, "auroc": truth, "best": best, "recall": recall,
+            "search": search if search != "auto" else ("faiss" if n > anomaly.EXACT_UP_TO else "exact"),
+            "exact_s_per_column": exact_seconds, "search_s_per_column": result.timings["neighbours"] / (2 * len(MODELS))}
+
+
+def _rows(path: Path) -> list[dict]:
+    import pyarrow.csv as pa_csv
+
+    return pa_csv.read_csv(path).to_pylist()
+
+
+def report(results: list[dict]) -> None:
+    base = results[0]
+    stages = ["neighbours", "knn", "lof", "iforest", "flow", "mismatch"]
+    print(f"\nload: {os.getloadavg()[0]:.1f} (1-min average at the end); threads OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(f"{'objects':>8} | " + " | ".join(f"{s:>16}" for s in [*stages, "total"]) + " | peak RSS")
+    for r in results:
+        cells = [f"{r['time_s'].get(s, 0):7.1f}s {r['peak_mib'].get(s, 0) / 1024:5.2f}G" for s in stages]
+        print(f"{r['n']:>8} | " + " | ".join(f"{c:>16}" for c in cells) + f" | {r['total_s']:7.1f}s {r['peak_rss_mib'] / 1024:5.2f}G")
+    for r in results[1:]:
+        print(f"{r['n']} / {base['n']} objects: time x{r['total_s'] / base['total_s']:.1f}, "
+              f"peak RSS x{r['peak_rss_mib'] / base['peak_rss_mib']:.1f}")
+    for r in results:
+        print(f"{r['n']}: neighbour search {r['search']} {r['search_s_per_column']:.1f}s per column, exact search "
+              f"{r['exact_s_per_column']:.1f}s per column (scaled from a query sample): x{r['exact_s_per_column'] / r['search_s_per_column']:.1f}; "
+              f"recall@16 vs exact {r['recall']:.3f}")
+        print("  AUROC, fused: " + ", ".join(f"{k} {v:.3f}" for k, v in r["auroc"].items())
+              + "; best single score: " + ", ".join(f"{k} {v:.3f} ({name})" for k, (name, v) in r["best"].items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000,100000", help="object counts, comma-separated")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--recall-queries", type=int, default=2000)
+    parser.add_argument("--search", default="auto", help="neighbour search: auto, exact or faiss")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process (JSON out)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_size(args.one, args.dim, args.recall_queries, args.search)))
+        return
+    results = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--dim", str(args.dim), "--search", args.search,
+                              "--recall-queries", str(args.recall_queries)], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"size {n} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{n}: {results[-1]['total_s']:.1f}s, peak RSS {results[-1]['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
