@@ -119,6 +119,20 @@ def test_a_swapped_pair_scores_the_highest_mismatch_and_tops_the_list(tmp_path):
     assert (tmp_path / "out" / "top_k.csv").read_text().count("\n") == 3  # header + K rows
 
 
+def test_mapped_mismatch_finds_a_swap_in_embeddings_that_are_not_aligned(tmp_path):
+    need("sklearn")
+    images, _ = aligned_pair(n=300)
+    rotation = np.linalg.qr(np.random.default_rng(1).standard_normal((16, 24)).T)[0]  # another space, another width
+    spectra = (images @ rotation.T + 0.05 * np.random.default_rng(2).standard_normal((300, 24))).astype(np.float32)
+    spectra[[3, 7]] = spectra[[7, 3]]
+    path = write_file(tmp_path / "pt.parquet", np.arange(300), {"image": images, "spectrum": spectra})
+    with pytest.raises(DataError, match=r"mismatch needs two modality embeddings of one width.*\(16\).*\(24\)"):
+        detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",)))  # no cosine across spaces
+    result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mapped_mismatch",)))
+    scores = {s.name: s.values for s in result.scores}
+    assert set(np.argsort(scores["pt/image+spectrum/mapped_mismatch"])[-2:]) == {3, 7}
+
+
 def test_missing_nan_and_zero_norm_rows_are_excluded_counted_and_still_ranked(tmp_path):
     need("sklearn")
     images, spectra = aligned_pair(n=120)
@@ -214,7 +228,7 @@ def test_bad_inputs(tmp_path, caplog):
         result = detect([str(both), str(fewer)], tmp_path / "out", DetectOptions(scorers=("knn",), k=4, top_k=1000))
     assert f"{both}: 60 objects, 40 in every file (20 unused)" in result.overlap
     assert len(result.top) == 40 and "--top-k 1000 is more than the 40 objects selected" in caplog.text
-    with pytest.raises(DataError, match=r"fewer.parquet: a mismatch needs two modality embeddings.*embedding_image \(16\)"):
+    with pytest.raises(DataError, match=r"fewer.parquet: mismatch needs two modality embeddings of one width.*embedding_image \(16\)"):
         detect([str(fewer)], tmp_path / "out", DetectOptions(scorers=("mismatch",)))
     narrow = write_file(tmp_path / "narrow.parquet", np.arange(60), {"image": images, "spectrum": spectra[:, :8]})
     with pytest.raises(DataError, match="--pair image:spectrum: widths 16 and 8 differ"):

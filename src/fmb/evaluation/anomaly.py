@@ -12,6 +12,9 @@ Every score is higher for a more anomalous object, and is computed on the rows g
   standardisation and clipping (`FlowOptions`).
 - `mismatch`: 1 - cosine between an object's two modality embeddings; meaningful only where the
   model aligns its modalities (contrastive models such as AstroCLIP).
+- `mapped_mismatch`: 1 - cosine between an object's second embedding and a ridge map of its first
+  into that space, fitted on the other objects (5 folds): a mismatch for models whose modality
+  embeddings are not aligned, or not of one width.
 
 scikit-learn, zuko and faiss are the `discovery` extra, imported inside the functions that use them.
 """
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 
 from fmb.errors import ConfigError
 
-SCORERS = ("knn", "lof", "iforest", "flow", "mismatch")
+SCORERS = ("knn", "lof", "iforest", "flow", "mismatch", "mapped_mismatch")
 NEIGHBOUR_METHODS = ("auto", "exact", "faiss")
 EXACT_UP_TO = 30_000  # `auto` searches exactly up to this many objects (about 10 s per column on 2 cores)
 
@@ -214,6 +217,16 @@ def _fit_and_score(z: torch.Tensor, fit_rows: np.ndarray, components: int, optio
 def mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """1 - cosine similarity between each object's two modality embeddings (same width)."""
     return 1.0 - (unit_rows(a) * unit_rows(b)).sum(1).astype(np.float64)
+
+
+def mapped_mismatch(a: np.ndarray, b: np.ndarray, folds: int = 5, alpha: float = 1.0, seed: int = 0) -> np.ndarray:
+    """1 - cosine between b and a ridge map of a into b's space, each object predicted by a map
+    fitted without it (scikit-learn, `folds` folds)."""
+    linear_model = discovery_import("sklearn.linear_model")
+    model_selection = discovery_import("sklearn.model_selection")
+    folds = model_selection.KFold(min(folds, len(a)), shuffle=True, random_state=seed)
+    predicted = model_selection.cross_val_predict(linear_model.Ridge(alpha=alpha), a, b, cv=folds)
+    return mismatch(predicted, b)
 
 
 def percentile(scores: np.ndarray) -> np.ndarray:

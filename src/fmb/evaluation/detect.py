@@ -42,7 +42,7 @@ log = logging.getLogger("fmb")
 
 @dataclass
 class DetectOptions:
-    scorers: tuple[str, ...] | None = None  # None: every scorer that applies (mismatch where a file has two modalities)
+    scorers: tuple[str, ...] | None = None  # None: every scorer that applies (mismatches where a file has two modalities)
     k: int = 16  # neighbours of knn / lof
     neighbour_search: str = "auto"  # exact, faiss, or auto (exact up to anomaly.EXACT_UP_TO objects)
     nprobe: int = 32  # faiss lists searched per query
@@ -140,28 +140,33 @@ def usable_rows(x: np.ndarray) -> tuple[np.ndarray, int, int]:
     return finite & ~zero, int((~finite).sum()), int(zero.sum())
 
 
-def mismatch_pairs(f: EmbeddingFile, model: str, options: DetectOptions) -> list[tuple[str, str]]:
-    """The column pairs of one file the mismatch scores: asked for (each checked), or every pair of
-    modality columns of one width. A file with one modality asked for a mismatch is an error."""
+def mismatch_pairs(f: EmbeddingFile, scorer: str, options: DetectOptions) -> list[tuple[str, str]]:
+    """The column pairs of one file `scorer` (mismatch or mapped_mismatch) compares: asked for (each
+    checked), or every pair of modality columns (of one width, for the cosine of `mismatch`). A file
+    with one modality asked for a mismatch is an error."""
     modalities = [c for c in f.embeddings if c != "joint"]
-    asked = options.scorers is not None and "mismatch" in options.scorers
+    same_width = scorer == "mismatch"  # a cosine needs one space; a mapped mismatch maps between two
+
+    def comparable(a: str, b: str) -> bool:
+        return not same_width or f.embeddings[a].shape[1] == f.embeddings[b].shape[1]
+
     if options.pairs is None:
-        pairs = [(a, b) for a, b in itertools.combinations(modalities, 2)
-                 if f.embeddings[a].shape[1] == f.embeddings[b].shape[1]]
-        if not pairs and asked:
-            raise DataError(f"{f.path}: a mismatch needs two modality embeddings of one width; it has "
+        pairs = [(a, b) for a, b in itertools.combinations(modalities, 2) if comparable(a, b)]
+        if not pairs and options.scorers is not None and scorer in options.scorers:
+            raise DataError(f"{f.path}: {scorer} needs two modality embeddings{' of one width' if same_width else ''}; it has "
                             + ", ".join(f"embedding_{c} ({f.embeddings[c].shape[1]})" for c in f.embeddings))
         if not pairs and len(modalities) > 1:
-            log.info(f"{f.path}: no mismatch score; its modality embeddings have different widths")
+            log.info(f"{f.path}: no {scorer} score; its modality embeddings have different widths (mapped_mismatch "
+                     "compares them)")
         return pairs
     for a, b in options.pairs:
         for c in (a, b):
             if c not in f.embeddings:
                 raise DataError(f"{f.path}: --pair {a}:{b}: no column embedding_{c}; it has "
                                 + ", ".join(f"embedding_{n}" for n in f.embeddings))
-        if f.embeddings[a].shape[1] != f.embeddings[b].shape[1]:
+        if not comparable(a, b):
             raise DataError(f"{f.path}: --pair {a}:{b}: widths {f.embeddings[a].shape[1]} and {f.embeddings[b].shape[1]} "
-                            "differ, so the two embeddings cannot be compared by cosine")
+                            "differ, so the two embeddings cannot be compared by cosine (mapped_mismatch can)")
     return list(options.pairs)
 
 
@@ -207,11 +212,18 @@ def score_file(f: EmbeddingFile, model: str, options: DetectOptions, stage: Call
             timed("iforest", column, lambda x=x_rows: anomaly.isolation_forest(x, options.trees, seed=options.seed), rows)
         if options.wants("flow"):
             timed("flow", column, lambda x=x_rows: anomaly.flow_nll(x, options.flow, options.seed), rows)
-    if options.wants("mismatch"):
-        for a, b in mismatch_pairs(f, model, options):
+    compare = {"mismatch": anomaly.mismatch,
+               "mapped_mismatch": lambda a, b: anomaly.mapped_mismatch(a, b, seed=options.seed)}
+    for scorer, fn in compare.items():
+        if not options.wants(scorer):
+            continue
+        for a, b in mismatch_pairs(f, scorer, options):
             rows = np.flatnonzero(usable[a] & usable[b])
-            timed("mismatch", f"{a}+{b}", lambda rows=rows, a=a, b=b: anomaly.mismatch(f.embeddings[a][rows],
-                                                                                       f.embeddings[b][rows]), rows)
+            if len(rows) < 3:
+                log.warning(f"{f.path}: only {len(rows)} objects have both embedding_{a} and embedding_{b}; no {scorer}")
+                continue
+            timed(scorer, f"{a}+{b}", lambda rows=rows, a=a, b=b, fn=fn: fn(f.embeddings[a][rows], f.embeddings[b][rows]),
+                  rows)
     return scores, exclusions, graphs
 
 
@@ -224,7 +236,7 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
            truth_id: str = "object_id", stage: Callable[[str], None] | None = None) -> Detection:
     """Score, fuse, select and write; see the module docstring."""
     options = options or DetectOptions()
-    if options.wants("lof") or options.wants("iforest") or options.wants("flow"):
+    if any(options.wants(s) for s in ("lof", "iforest", "flow", "mapped_mismatch")):
         anomaly.discovery_import("sklearn")
     if options.wants("flow"):
         anomaly.discovery_import("zuko")
