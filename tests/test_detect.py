@@ -254,3 +254,13 @@ def test_cli_detect_writes_the_results_directory(tmp_path, monkeypatch, capsys):
     assert {f"a/{c}/{s}" for c in ("image", "spectrum") for s in ("knn", "lof", "iforest", "flow")} <= set(names)
     assert "a/image+spectrum/mismatch" in names
     assert (tmp_path / "det" / "top_k.csv").read_text().count("\n") == 6
+
+
+def test_plots_are_agreement_heatmaps(tmp_path):
+    need("matplotlib")
+    images, spectra = aligned_pair(n=60)
+    a = write_file(tmp_path / "a.parquet", np.arange(60), {"image": images, "spectrum": spectra})
+    b = write_file(tmp_path / "b.parquet", np.arange(60), {"image": images, "spectrum": -spectra})
+    result = detect([str(a), str(b)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=5, plots=True))
+    assert result.files["plots"] == tmp_path / "out" / "plots"
+    assert {p.name for p in (tmp_path / "out" / "plots").iterdir()} == {"spearman.png", "jaccard_top5.png", "top1_in_top10.png"}
