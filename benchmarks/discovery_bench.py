@@ -102,43 +102,38 @@ def write_files(n: int, dim: int, directory: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
-def one_size(n: int, dim: int, recall_queries: int, search: str) -> dict:
+def one_size(n: int, directory: Path, recall_queries: int, search: str) -> dict:
     from fmb.embeddings import load_embeddings
     from fmb.evaluation import anomaly
     from fmb.evaluation.detect import DetectOptions, detect
 
-    with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        paths = write_files(n, dim, Path(tmp))
-        generate = time.perf_counter() - start
-        rss_before = rss_mib()
-        peaks = PeakByStage()
-        start = time.perf_counter()
-        result = detect([str(p) for p in paths], Path(tmp) / "out", DetectOptions(neighbour_search=search), stage=peaks)
-        total = time.perf_counter() - start
-        peaks.stop()
-        truth_rows = _rows(Path(tmp) / "out" / "truth.csv")
-        truth = {r["kind"]: r["auroc"] for r in truth_rows if r["score"] == "anomaly_score"}
-        best = {}
-        for r in truth_rows:
-            if r["kind"] not in best or r["auroc"] > best[r["kind"]][1]:
-                best[r["kind"]] = (r["score"], r["auroc"])
-        by_scorer: dict[str, float] = {}
-        for stage, peak in peaks.peaks.items():
-            scorer = stage.rsplit("/", 1)[-1]
-            by_scorer[scorer] = max(by_scorer.get(scorer, 0.0), peak)
-        # the neighbour search against exact search, on a sample of queries of the first column
-        rows, nb = result.neighbours[f"{MODELS[0]}/image"]
-        x = load_embeddings(paths[0]).embeddings["image"][rows]
-        unit = anomaly.unit_rows(x)
-        queries = np.random.default_rng(1).choice(len(unit), min(recall_queries, len(unit)), replace=False)
-        start = time.perf_counter()
-        exact_index, _ = anomaly.exact_search(unit, queries, nb.k)
-        exact_seconds = (time.perf_counter() - start) * len(unit) / len(queries)
-        recall = float(np.mean([len(np.intersect1d(a, e)) / nb.k for a, e in zip(nb.index[queries], exact_index, strict=True)]))
-    columns = len(result.scores)
-    return {"n": n, "dim": dim, "scores": columns, "generate_s": generate, "total_s": total,
-            "rss_before_mib": rss_before, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    paths = [directory / f"{m}.parquet" for m in MODELS]
+    rss_before = rss_mib()
+    peaks = PeakByStage()
+    start = time.perf_counter()
+    result = detect([str(p) for p in paths], directory / "out", DetectOptions(neighbour_search=search), stage=peaks)
+    total = time.perf_counter() - start
+    peaks.stop()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    truth_rows = _rows(directory / "out" / "truth.csv")
+    truth = {r["kind"]: r["auroc"] for r in truth_rows if r["score"] == "anomaly_score"}
+    best = {}
+    for r in truth_rows:
+        if r["kind"] not in best or r["auroc"] > best[r["kind"]][1]:
+            best[r["kind"]] = (r["score"], r["auroc"])
+    by_scorer: dict[str, float] = {}
+    for stage, peak in peaks.peaks.items():
+        scorer = stage.rsplit("/", 1)[-1]
+        by_scorer[scorer] = max(by_scorer.get(scorer, 0.0), peak)
+    # the neighbour search against exact search, on a sample of queries of the first column
+    rows, nb = result.neighbours[f"{MODELS[0]}/image"]
+    unit = anomaly.unit_rows(load_embeddings(paths[0]).embeddings["image"][rows])
+    queries = np.random.default_rng(1).choice(len(unit), min(recall_queries, len(unit)), replace=False)
+    start = time.perf_counter()
+    exact_index, _ = anomaly.exact_search(unit, queries, nb.k)
+    exact_seconds = (time.perf_counter() - start) * len(unit) / len(queries)
+    recall = float(np.mean([len(np.intersect1d(a, e)) / nb.k for a, e in zip(nb.index[queries], exact_index, strict=True)]))
+    return {"n": n, "scores": len(result.scores), "total_s": total, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss,
             "time_s": result.timings, "peak_mib": by_scorer, "auroc": truth, "best": best, "recall": recall,
             "search": search if search != "auto" else ("faiss" if n > anomaly.EXACT_UP_TO else "exact"),
             "exact_s_per_column": exact_seconds, "search_s_per_column": result.timings["neighbours"] / (2 * len(MODELS))}
@@ -175,19 +170,31 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--recall-queries", type=int, default=2000)
     parser.add_argument("--search", default="auto", help="neighbour search: auto, exact or faiss")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process (JSON out)
+    parser.add_argument("--write", type=int, help=argparse.SUPPRESS)  # child: write the files of one size
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: detect on them (JSON out)
+    parser.add_argument("--directory", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write:
+        write_files(args.write, args.dim, args.directory)
+        return
     if args.one:
-        print(json.dumps(one_size(args.one, args.dim, args.recall_queries, args.search)))
+        print(json.dumps(one_size(args.one, args.directory, args.recall_queries, args.search)))
         return
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--dim", str(args.dim), "--search", args.search,
-                              "--recall-queries", str(args.recall_queries)], capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            # a process each: writing the files, then detect, so each peak RSS is its own
+            common = [sys.executable, __file__, "--directory", tmp, "--dim", str(args.dim)]
+            start = time.perf_counter()
+            subprocess.run([*common, "--write", str(n)], check=True)
+            written = time.perf_counter() - start
+            out = subprocess.run([*common, "--one", str(n), "--search", args.search,
+                                  "--recall-queries", str(args.recall_queries)], capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"size {n} failed:\n{out.stderr[-3000:]}")
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{n}: {results[-1]['total_s']:.1f}s, peak RSS {results[-1]['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
+        print(f"{n}: files written in {written:.0f}s; detect {results[-1]['total_s']:.1f}s, "
+              f"peak RSS {results[-1]['peak_rss_mib'] / 1024:.2f} GiB", flush=True)
     report(results)
 
 
