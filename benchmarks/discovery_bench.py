@@ -132,7 +132,7 @@ def one_size(n: int, directory: Path, recall_queries: int, search: str) -> dict:
     start = time.perf_counter()
     exact_index, _ = anomaly.exact_search(unit, queries, nb.k)
     exact_seconds = (time.perf_counter() - start) * len(unit) / len(queries)
-    recall = float(np.mean([len(np.intersect1d(a, e)) / nb.k for a, e in zip(nb.index[queries], exact_index, strict=True)]))
+    recall = anomaly.recall_at_k(nb.index[queries], exact_index)
     return {"n": n, "scores": len(result.scores), "total_s": total, "rss_before_mib": rss_before, "peak_rss_mib": peak_rss,
             "time_s": result.timings, "peak_mib": by_scorer, "auroc": truth, "best": best, "recall": recall,
             "search": search if search != "auto" else ("faiss" if n > anomaly.EXACT_UP_TO else "exact"),

@@ -119,10 +119,10 @@ def faiss_neighbours(x: np.ndarray, k: int, nprobe: int = 32, seed: int = 0) -> 
     return Neighbours(out_index, (1.0 - out_sims).clip(0.0, 2.0))
 
 
-def recall_at_k(approximate: Neighbours, exact: Neighbours) -> float:
-    """Share of the exact k nearest neighbours that the approximate search found."""
-    hits = [len(np.intersect1d(a, e)) for a, e in zip(approximate.index, exact.index, strict=True)]
-    return float(np.sum(hits) / exact.index.size)
+def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
+    """Share of the exact k nearest neighbours (rows of indices) that an approximate search found."""
+    hits = [len(np.intersect1d(a, e)) for a, e in zip(found, exact, strict=True)]
+    return float(np.sum(hits) / exact.size)
 
 
 def knn_distance(nb: Neighbours) -> np.ndarray:
