@@ -50,7 +50,7 @@ def test_each_scorer_ranks_an_obvious_outlier_first(scorer):
     x = cluster_and_outlier()
     nb = anomaly.exact_neighbours(x, 8)
     scores = {"knn": lambda: anomaly.knn_distance(nb), "lof": lambda: anomaly.local_outlier_factor(nb),
-              "iforest": lambda: anomaly.isolation_forest(x, seed=0),
+              "iforest": lambda: anomaly.isolation_forest(x, 100, seed=0),
               "flow": lambda: anomaly.flow_nll(x, FlowOptions(components=4, transforms=2, hidden=16, epochs=20))}[scorer]()
     assert np.argmax(scores) == len(x) - 1
     assert np.isfinite(scores).all()

@@ -345,7 +345,7 @@ def detect(
     pair: Annotated[list[str], typer.Option(help="A:B modality columns for the mismatch (repeatable; default every pair of one width).")] = None,
     k: Annotated[int | None, typer.Option(help="Neighbours of knn and lof (default 16).")] = None,
     neighbours: Annotated[str | None, typer.Option(help="Neighbour search: exact, faiss or auto (exact up to 30000 objects).")] = None,
-    nprobe: Annotated[int | None, typer.Option(help="faiss: index lists probed per query (default 32).")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="faiss: index lists probed per query (default 8).")] = None,
     trees: Annotated[int | None, typer.Option(help="Isolation-forest trees (default 100).")] = None,
     flow_components: Annotated[int | None, typer.Option(help="Flow: PCA components modelled (default 16).")] = None,
     flow_transforms: Annotated[int | None, typer.Option(help="Flow: autoregressive transforms (default 4).")] = None,

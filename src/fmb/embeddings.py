@@ -187,7 +187,7 @@ def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
     valid = ~array.is_null().to_numpy(zero_copy_only=False)
     if not valid.any():
         raise DataError(f"{path}: column {name} is empty (all null)")
-    present = array.filter(pa.array(valid))
+    present = array if valid.all() else array.filter(pa.array(valid))  # filtering copies the whole column
     lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
     if len(lengths) != 1:
         raise DataError(f"{path}: column {name} has rows of different lengths ({lengths[:5].tolist()})")

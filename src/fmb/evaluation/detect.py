@@ -45,7 +45,7 @@ class DetectOptions:
     scorers: tuple[str, ...] | None = None  # None: every scorer that applies (mismatches where a file has two modalities)
     k: int = 16  # neighbours of knn / lof
     neighbour_search: str = "auto"  # exact, faiss, or auto (exact up to anomaly.EXACT_UP_TO objects)
-    nprobe: int = 32  # faiss lists searched per query
+    nprobe: int = 8  # faiss lists searched per query
     trees: int = 100  # isolation forest
     flow: FlowOptions = field(default_factory=FlowOptions)
     pairs: tuple[tuple[str, str], ...] | None = None  # mismatch pairs; None: every pair of modality columns
