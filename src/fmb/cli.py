@@ -339,7 +339,7 @@ def detect(
     embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`), one per model.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Results directory: anomalies.parquet, top_k.csv, summary.md, truth and agreement tables.")] = Path("detect"),
     scorers: Annotated[str | None, typer.Option(help="Comma-separated: knn, lof, iforest, flow, mismatch, mapped_mismatch (default: all; the mismatches where a file has two modalities).")] = None,
-    fusion: Annotated[str | None, typer.Option(help="Fusion of percentile ranks, per model then across models: gmean, min, mean or max (default gmean).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="Fusion of percentile ranks, per model then across models: gmean, min, mean or max (default mean).")] = None,
     threshold: Annotated[list[str], typer.Option(help="SCORE=PERCENTILE (repeatable): keep objects at or above it; SCORE is a name, a scorer or a glob, e.g. mismatch=0.95.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Objects in top_k.csv (default 100).")] = None,
     pair: Annotated[list[str], typer.Option(help="A:B modality columns for the mismatch (repeatable; default every pair of one width).")] = None,

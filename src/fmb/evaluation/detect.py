@@ -49,7 +49,7 @@ class DetectOptions:
     trees: int = 100  # isolation forest
     flow: FlowOptions = field(default_factory=FlowOptions)
     pairs: tuple[tuple[str, str], ...] | None = None  # mismatch pairs; None: every pair of modality columns
-    fusion: str = "gmean"
+    fusion: str = "mean"  # gmean sinks an object that one score finds extra normal (docs/discovery.md)
     thresholds: dict[str, float] = field(default_factory=dict)  # score name or pattern -> lowest percentile kept
     top_k: int = 100
     seed: int = 0
@@ -111,7 +111,7 @@ class Detection:
         best = ", ".join(str(self.ids[r]) for r in self.top[:5])
         lines = [f"{len(self.ids)} objects, {len(self.scores)} scores from {len(self.models)} model(s); "
                  f"most anomalous: {best}"]
-        lines += [f"  {what:<10} {path}" for what, path in self.files.items()]
+        lines += [f"  {what:<12} {path}" for what, path in self.files.items()]
         return "\n".join(lines)
 
 
