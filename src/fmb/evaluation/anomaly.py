@@ -245,7 +245,7 @@ def percentile(scores: np.ndarray) -> np.ndarray:
 FUSIONS = ("gmean", "min", "mean", "max")
 
 
-def fuse(percentiles: list[np.ndarray], how: str = "gmean") -> np.ndarray:
+def fuse(percentiles: list[np.ndarray], how: str) -> np.ndarray:
     """Per object, the geometric mean, minimum, mean or maximum of the percentiles it has; NaN
     (without a NumPy warning) where it has none. `min` asks every score to agree; `max` keeps an
     object any one score finds (a kind only one scorer sees, such as a mismatch, is diluted by the others)."""
