@@ -170,9 +170,14 @@ def mismatch_pairs(f: EmbeddingFile, scorer: str, options: DetectOptions) -> lis
     return list(options.pairs)
 
 
-def score_file(f: EmbeddingFile, model: str, options: DetectOptions, stage: Callable[[str], None],
-               timings: dict[str, float]) -> tuple[list[Score], list[dict], dict[str, tuple[np.ndarray, Neighbours]]]:
-    """Every asked-for score of one model's file, the exclusions counted per column, and the neighbour graphs."""
+MISMATCHES = ("mismatch", "mapped_mismatch")
+
+
+def score_file(f: EmbeddingFile, model: str, options: DetectOptions, pairs: dict[str, list[tuple[str, str]]],
+               stage: Callable[[str], None], timings: dict[str, float]
+               ) -> tuple[list[Score], list[dict], dict[str, tuple[np.ndarray, Neighbours]]]:
+    """Every asked-for score of one model's file (`pairs`: the column pairs of each mismatch scorer),
+    the exclusions counted per column, and the neighbour graphs."""
     n = len(f.ids)
     scores, exclusions, graphs = [], [], {}
 
@@ -215,9 +220,7 @@ def score_file(f: EmbeddingFile, model: str, options: DetectOptions, stage: Call
     compare = {"mismatch": anomaly.mismatch,
                "mapped_mismatch": lambda a, b: anomaly.mapped_mismatch(a, b, seed=options.seed)}
     for scorer, fn in compare.items():
-        if not options.wants(scorer):
-            continue
-        for a, b in mismatch_pairs(f, scorer, options):
+        for a, b in pairs.get(scorer, []):
             rows = np.flatnonzero(usable[a] & usable[b])
             if len(rows) < 3:
                 log.warning(f"{f.path}: only {len(rows)} objects have both embedding_{a} and embedding_{b}; no {scorer}")
@@ -248,8 +251,10 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
     ids = files[0].ids
     timings: dict[str, float] = {}
     scores, exclusions, graphs = [], [], {}
-    for f, model in zip(files, names, strict=True):
-        s, e, g = score_file(f, model, options, stage, timings)
+    # checked before any scoring, so a wrong --pair fails at once
+    pairs = [{scorer: mismatch_pairs(f, scorer, options) for scorer in MISMATCHES if options.wants(scorer)} for f in files]
+    for f, model, file_pairs in zip(files, names, pairs, strict=True):
+        s, e, g = score_file(f, model, options, file_pairs, stage, timings)
         scores += s
         exclusions += e
         graphs.update(g)
