@@ -243,12 +243,13 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
         anomaly.discovery_import("sklearn")
     if options.wants("flow"):
         anomaly.discovery_import("zuko")
-    stage = stage or (lambda name: log.info(f"{name}"))
+    stage = stage or log.info
     stage("load")
     loaded = [load_embeddings(p) for p in paths]
     names = model_names(loaded)
     files, overlap = overlap_report(loaded)
     ids = files[0].ids
+    truth = agreement.find_truth(files, ids, truth_file, truth_id)  # before the work: a bad --truth fails at once
     timings: dict[str, float] = {}
     scores, exclusions, graphs = [], [], {}
     # checked before any scoring, so a wrong --pair fails at once
@@ -269,7 +270,6 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
             model_scores[model] = anomaly.percentile(anomaly.fuse(own, options.fusion))
     anomaly_score = anomaly.fuse(list(model_scores.values()), options.fusion)
     selected = select(options.thresholds, percentiles, model_scores, anomaly_score)
-    truth = agreement.find_truth(files, ids, truth_file, truth_id)
     result = Detection(ids, names, scores, percentiles, model_scores, anomaly_score, selected, truth, graphs,
                        overlap, exclusions, timings)
     write(result, Path(out_dir), options)
