@@ -342,7 +342,7 @@ def detect(
     fusion: Annotated[str | None, typer.Option(help="Fusion of percentile ranks, per model then across models: gmean, min, mean or max (default mean).")] = None,
     threshold: Annotated[list[str], typer.Option(help="SCORE=PERCENTILE (repeatable): keep objects at or above it; SCORE is a name, a scorer or a glob, e.g. mismatch=0.95.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Objects in top_k.csv (default 100).")] = None,
-    pair: Annotated[list[str], typer.Option(help="A:B modality columns for the mismatch (repeatable; default every pair of one width).")] = None,
+    pair: Annotated[list[str], typer.Option(help="A:B modality columns for the mismatches (repeatable; default every pair; of one width for mismatch).")] = None,
     k: Annotated[int | None, typer.Option(help="Neighbours of knn and lof (default 16).")] = None,
     neighbours: Annotated[str | None, typer.Option(help="Neighbour search: exact, faiss or auto (exact up to 30000 objects).")] = None,
     nprobe: Annotated[int | None, typer.Option(help="faiss: index lists probed per query (default 8).")] = None,
