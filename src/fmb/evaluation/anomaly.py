@@ -32,7 +32,7 @@ from fmb.errors import ConfigError
 
 SCORERS = ("knn", "lof", "iforest", "flow", "mismatch", "mapped_mismatch")
 NEIGHBOUR_METHODS = ("auto", "exact", "faiss")
-EXACT_UP_TO = 30_000  # `auto` searches exactly up to this many objects (about 10 s per column on 2 cores)
+EXACT_UP_TO = 30_000  # `auto` searches exactly up to this many objects (about 20 s per column on 2 busy cores)
 
 
 def discovery_import(module: str):
@@ -95,8 +95,8 @@ def exact_search(unit: np.ndarray, rows: np.ndarray, k: int, chunk: int = 2048) 
 
 def faiss_neighbours(x: np.ndarray, k: int, nprobe: int, seed: int = 0) -> Neighbours:
     """Approximate search: an inverted-file index (sqrt(n) lists, k-means trained on a sample of 64
-    per list) probed `nprobe` lists deep (at 100k x 512, nprobe 8 had recall@16 0.9999 against
-    exact search at a sixth of its time: docs/discovery.md). Rows the probes leave short of k neighbours are searched exactly."""
+    per list) probed `nprobe` lists deep (at 100k x 512, nprobe 8 had recall@16 0.998 against
+    exact search at a fifth of its time: docs/discovery.md). Rows the probes leave short of k neighbours are searched exactly."""
     faiss = discovery_import("faiss")
     unit = unit_rows(x)
     n, d = unit.shape
