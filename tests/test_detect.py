@@ -162,7 +162,8 @@ def test_truth_table_on_a_hand_made_case(tmp_path):
     kinds[9], kinds[0], kinds[5] = "swap", "streak", "streak"
     path = write_file(tmp_path / "h.parquet", np.arange(10), {"image": images, "spectrum": spectra},
                       truth_anomaly=pa.array(kinds, pa.string()))
-    detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=3))
+    result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=3))
+    assert f"AUROC of the fused scores over every planted kind: h {11 / 21:.3f}" in result.summary()
     rows = {(r["score"], r["kind"]): r for r in
             pa_csv.read_csv(tmp_path / "out" / "truth.csv").to_pylist()}
     swap, streak, every = (rows["h/image+spectrum/mismatch", k] for k in ("swap", "streak", "any"))
@@ -264,3 +265,16 @@ def test_plots_are_agreement_heatmaps(tmp_path):
     result = detect([str(a), str(b)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=5, plots=True))
     assert result.files["plots"] == tmp_path / "out" / "plots"
     assert {p.name for p in (tmp_path / "out" / "plots").iterdir()} == {"spearman.png", "jaccard_top5.png", "top1_in_top10.png"}
+
+
+def test_string_object_ids_pass_through(tmp_path):
+    images, spectra = aligned_pair(n=40)
+    spectra[5] = -spectra[5]
+    ids = [f"SPLUS-{i:03d}" for i in range(40)]
+    table = {"object_id": pa.array(ids)}
+    for name, matrix in {"image": images, "spectrum": spectra}.items():
+        table[f"embedding_{name}"] = pa.array(matrix.tolist(), pa.list_(pa.float32(), 16))
+    pq.write_table(pa.table(table), tmp_path / "s.parquet")
+    detect([str(tmp_path / "s.parquet")], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=3))
+    assert pq.read_table(tmp_path / "out" / "anomalies.parquet").column("object_id")[0].as_py() == "SPLUS-005"
+    assert pa_csv.read_csv(tmp_path / "out" / "top_k.csv").column("object_id").to_pylist()[0] == "SPLUS-005"

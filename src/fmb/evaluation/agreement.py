@@ -234,6 +234,8 @@ def write_reports(result: Detection, out_dir: Path, options: DetectOptions) -> d
             log.warning("truth_anomaly is null for every object: no planted anomalies to measure against")
         else:
             rows = truth_rows(result)
+            fused = [f"{r['model']} {r['auroc']:.3f}" for r in rows if r["kind"] == "any" and r["score"].endswith("anomaly_score")]
+            result.truth_headline = "AUROC of the fused scores over every planted kind: " + ", ".join(fused)
             written["truth"] = write_csv(out_dir / "truth.csv", rows)
             (out_dir / "truth.md").write_text("# Scores against planted truth\n\n" + markdown(rows, TRUTH_FIELDS))
     rows = agreement_rows(result, options.top_k)

@@ -106,11 +106,13 @@ class Detection:
     timings: dict[str, float]  # scorer -> seconds over every column and model
     files: dict[str, Path] = field(default_factory=dict)
     top: list[int] = field(default_factory=list)  # rows of the top-K export, most anomalous first
+    truth_headline: str = ""  # the fused scores' AUROC over every planted kind, when truth is known
 
     def summary(self) -> str:
         best = ", ".join(str(self.ids[r]) for r in self.top[:5])
         lines = [f"{len(self.ids)} objects, {len(self.scores)} scores from {len(self.models)} model(s); "
                  f"most anomalous: {best}"]
+        lines += [self.truth_headline] if self.truth_headline else []
         lines += [f"  {what:<12} {path}" for what, path in self.files.items()]
         return "\n".join(lines)
 
