@@ -1,9 +1,8 @@
-"""`fmb evaluate` / `fmb detect` on small synthetic embeddings with known structure."""
+"""`fmb evaluate` on small synthetic embeddings with known structure."""
 
 from __future__ import annotations
 
 import sys
-import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +12,7 @@ import pytest
 from fmb import cli
 from fmb.embeddings import load_embeddings
 from fmb.errors import DataError
-from fmb.evaluation import anomaly
-from fmb.evaluation.run import detect, evaluate
+from fmb.evaluation.run import evaluate
 from tests.extras import need
 
 need("sklearn")
@@ -159,49 +157,7 @@ def test_bad_inputs_name_file_and_column(tmp_path):
         load_embeddings(tmp_path / "d.parquet")
 
 
-def test_isolation_forest_and_knn_rank_planted_outliers_first():
-    rng = np.random.default_rng(0)
-    inliers = rng.standard_normal((300, 4))
-    outliers = rng.standard_normal((5, 4)) * 0.3 + 6.0
-    x = np.concatenate([inliers, outliers]).astype(np.float32)
-    iso = anomaly.isolation_forest(x, trees=50, seed=0)
-    assert set(np.argsort(iso)[-5:]) == set(range(300, 305))
-    assert (iso > 0).all() and (iso <= 1).all()
-    knn = anomaly.knn_distance(np.concatenate([rng.standard_normal((300, 8)) + 5, rng.standard_normal((3, 8)) - 5]).astype(np.float32), k=8)
-    assert set(np.argsort(knn)[-3:]) == {300, 301, 302}
-
-
-def test_detect_fuses_models_and_flags_cross_modal_mismatch(tmp_path):
-    rng = np.random.default_rng(0)
-    images = rng.standard_normal((200, 8)).astype(np.float32)
-    spectra = images + 0.05 * rng.standard_normal((200, 8)).astype(np.float32)
-    spectra[:4] = rng.standard_normal((4, 8))  # four objects whose modalities disagree
-    a = write_file(tmp_path / "a.parquet", np.arange(200), {"image": images, "spectrum": spectra})
-    b = write_file(tmp_path / "b.parquet", np.arange(200), {"image": images * 2})
-    out = detect([str(a), str(b)], tmp_path / "anomalies.parquet", k=8)
-    table = pq.read_table(out).to_pydict()
-    assert {"object_id", "a/cross_modal", "a/knn_image", "b/iforest_image", "fused_rank"} <= set(table)
-    cross = dict(zip(table["object_id"], table["a/cross_modal"], strict=True))
-    top = sorted(cross, key=cross.get)[-4:]
-    assert set(top) == {0, 1, 2, 3}
-    assert table["fused_rank"] == sorted(table["fused_rank"], reverse=True)
-
-
-def test_detect_objects_without_a_modality_give_nan_scores_without_numpy_warnings(tmp_path):
-    rng = np.random.default_rng(1)
-    images = rng.standard_normal((60, 4)).astype(np.float32)
-    spectra = images.copy()
-    spectra[:10] = np.nan  # ten objects have no spectrum: no cross-modal score, fused from the rest
-    path = write_file(tmp_path / "a.parquet", np.arange(60), {"image": images, "spectrum": spectra})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        table = pq.read_table(detect([str(path)], tmp_path / "anomalies.parquet", k=4)).to_pydict()
-    cross = dict(zip(table["object_id"], table["a/cross_modal"], strict=True))
-    assert all(np.isnan(cross[i]) for i in range(10)) and all(np.isfinite(cross[i]) for i in range(10, 60))
-    assert np.isfinite(table["fused_rank"]).all()
-
-
-def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
+def test_cli_evaluate(tmp_path, monkeypatch, capsys):
     x, z, _ = planted(n=120)
     path = write_file(tmp_path / "a.parquet", np.arange(120), {"image": x, "spectrum": x + 0.01}, redshift=z)
     monkeypatch.setattr(sys, "argv", ["fmb", "evaluate", str(path), "--target", "redshift", "--out", str(tmp_path / "ev"),
@@ -212,10 +168,6 @@ def test_cli_evaluate_and_detect(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "ev" / "results.csv").is_file()
     shown = capsys.readouterr().out
     assert "| a | image | redshift | linear |" in shown and "image->spectrum" in shown
-    monkeypatch.setattr(sys, "argv", ["fmb", "detect", str(path), "--out", str(tmp_path / "an.csv")])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    assert info.value.code == 0 and (tmp_path / "an.csv").read_text().startswith('"object_id"')
 
 
 def test_evaluate_writes_plots(tmp_path, monkeypatch, capsys):

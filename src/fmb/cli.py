@@ -340,14 +340,61 @@ def benchmark(
 
 @app.command()
 def detect(
-    embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .parquet or .csv.")] = Path("anomalies.parquet"),
-    k: Annotated[int, typer.Option(help="Neighbours for the kNN-distance score.")] = 16,
+    embeddings: Annotated[list[Path], typer.Argument(help="Embedding parquet files (from `fmb embed`), one per model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory: anomalies.parquet, top_k.csv, summary.md, truth and agreement tables.")] = Path("detect"),
+    scorers: Annotated[str | None, typer.Option(help="Comma-separated: knn, lof, iforest, flow, mismatch, mapped_mismatch (default: all; the mismatches where a file has two modalities).")] = None,
+    fusion: Annotated[str | None, typer.Option(help="Fusion of percentile ranks, per model then across models: gmean, min, mean or max (default mean).")] = None,
+    threshold: Annotated[list[str], typer.Option(help="SCORE=PERCENTILE (repeatable): keep objects at or above it; SCORE is a name, a scorer or a glob, e.g. mismatch=0.95.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Objects in top_k.csv (default 100).")] = None,
+    pair: Annotated[list[str], typer.Option(help="A:B modality columns for the mismatches (repeatable; default every pair; of one width for mismatch).")] = None,
+    k: Annotated[int | None, typer.Option(help="Neighbours of knn and lof (default 16).")] = None,
+    neighbours: Annotated[str | None, typer.Option(help="Neighbour search: exact, faiss or auto (exact up to 30000 objects).")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="faiss: index lists probed per query (default 8).")] = None,
+    trees: Annotated[int | None, typer.Option(help="Isolation-forest trees (default 100).")] = None,
+    flow_components: Annotated[int | None, typer.Option(help="Flow: PCA components modelled (default 16).")] = None,
+    flow_transforms: Annotated[int | None, typer.Option(help="Flow: autoregressive transforms (default 4).")] = None,
+    flow_epochs: Annotated[int | None, typer.Option(help="Flow: training epochs (default 20).")] = None,
+    flow_fit_sample: Annotated[int | None, typer.Option(help="Flow: fitted on at most this many objects (default 20000).")] = None,
+    truth: Annotated[Path | None, typer.Option(help="Data directory or table with truth_anomaly, joined on --truth-id (default: the embedding files' own column).")] = None,
+    truth_id: Annotated[str, typer.Option(help="The truth table's object id column.")] = "object_id",
+    plots: Annotated[bool, typer.Option("--plots", help="Also write agreement heatmaps to OUT/plots (needs the plots extra).")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed of the forest, the flow and the faiss index (default 0).")] = None,
 ) -> None:
-    """Anomaly scores per object and model (kNN distance, cross-modal disagreement, isolation forest), fused rank."""
-    from fmb.evaluation.run import detect as run_detect
+    """Anomaly scores per model and modality (kNN, LOF, isolation forest, flow density, cross-modal
+    mismatch), fused percentile ranks, thresholds, a top-K list; truth metrics when the objects carry
+    truth_anomaly; cross-model agreement."""
+    from dataclasses import fields
 
-    typer.echo(f"wrote {run_detect([str(p) for p in embeddings], out, k)}")
+    from fmb.errors import ConfigError
+    from fmb.evaluation.anomaly import FlowOptions
+    from fmb.evaluation.detect import DetectOptions
+    from fmb.evaluation.detect import detect as run_detect
+
+    def given(cls, **values):  # unset flags leave the dataclass defaults: one definition of each
+        return cls(**{f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None})
+
+    thresholds = {}
+    for item in threshold or []:
+        key, sep, value = item.rpartition("=")
+        try:
+            thresholds[key] = float(value)
+        except ValueError:
+            key = ""
+        if not sep or not key:
+            raise ConfigError(f"--threshold {item!r}: write SCORE=PERCENTILE, e.g. knn=0.99")
+    pairs = []
+    for item in pair or []:
+        a, sep, b = item.partition(":")
+        if not sep or not a or not b:
+            raise ConfigError(f"--pair {item!r}: write A:B, e.g. image:spectrum")
+        pairs.append((a, b))
+    flow = given(FlowOptions, components=flow_components, transforms=flow_transforms, epochs=flow_epochs,
+                 fit_sample=flow_fit_sample)
+    options = given(DetectOptions, scorers=tuple(s.strip() for s in scorers.split(",") if s.strip()) if scorers else None,
+                    fusion=fusion, thresholds=thresholds or None, top_k=top_k, pairs=tuple(pairs) or None, k=k,
+                    neighbour_search=neighbours, nprobe=nprobe, trees=trees, flow=flow, seed=seed, plots=plots or None)
+    result = run_detect([str(p) for p in embeddings], out, options, str(truth) if truth else None, truth_id)
+    typer.echo(result.summary())
 
 
 @app.command()

@@ -190,13 +190,13 @@ def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
     valid = ~array.is_null().to_numpy(zero_copy_only=False)
     if not valid.any():
         raise DataError(f"{path}: column {name} is empty (all null)")
-    present = array.filter(pa.array(valid))
+    present = array if valid.all() else array.filter(pa.array(valid))  # filtering copies the whole column
     lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
     if len(lengths) != 1:
         raise DataError(f"{path}: column {name} has rows of different lengths ({lengths[:5].tolist()})")
     width = int(lengths[0])
     out = np.full((len(array), width), np.nan, dtype=np.float32)
-    out[valid] = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    out[valid] = present.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
     return out
 
 
@@ -211,7 +211,9 @@ def align(files: list[EmbeddingFile]) -> list[EmbeddingFile]:
         if len(common) < len(f.ids):
             log.info(f"{f.path}: {len(common)} of {len(f.ids)} objects are in every file; evaluating those")
     common = np.sort(common)
-    return [f.take(_rows_of(f.ids, common)) for f in files]
+    # a file already in that order is kept as it is: no copy of its embeddings
+    return [f if len(f.ids) == len(common) and (f.ids == common).all() else f.take(_rows_of(f.ids, common))
+            for f in files]
 
 
 def _rows_of(ids: np.ndarray, wanted: np.ndarray) -> np.ndarray:

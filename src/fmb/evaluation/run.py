@@ -1,4 +1,4 @@
-"""`fmb evaluate` and `fmb detect` over embedding parquet files written by `fmb embed`.
+"""`fmb evaluate` over embedding parquet files written by `fmb embed`.
 
 An embedding file has `object_id`, target columns, and `embedding_<name>` columns (float32
 lists, null where a modality is absent). Several files are joined on object_id: every model is
@@ -18,14 +18,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddings
 from fmb.errors import ConfigError, DataError
-from fmb.evaluation import anomaly
 from fmb.evaluation.catalog import Catalog, join
 from fmb.evaluation.metrics import (
     OUTLIER_THRESHOLD,
@@ -279,54 +275,3 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{r['metric']} | {interval(r['value'], r['low'], r['high'])} | "
                      f"{interval(r['baseline'], r['baseline_low'], r['baseline_high'])} | {r['n']} |")
     return "\n".join(lines) + "\n"
-
-
-def mean_present(rows: list[np.ndarray]) -> np.ndarray:
-    """Per object, the mean of the finite values over `rows`; NaN (without a NumPy warning) where an
-    object has none, e.g. an object lacking every modality a score needs."""
-    stack = np.stack(rows)
-    finite = np.isfinite(stack)
-    count = finite.sum(0)
-    total = np.where(finite, stack, 0.0).sum(0)
-    return np.divide(total, count, out=np.full(count.shape, np.nan), where=count > 0)
-
-
-def detect(paths: list[str], out: Path, k: int = 16, seed: int = 0) -> Path:
-    """Anomaly scores per model and a fused rank (mean rank percentile over every score)."""
-    files = align([load_embeddings(p) for p in paths])
-    columns: dict[str, np.ndarray] = {"object_id": files[0].ids}
-    percentiles = []
-    for f in files:
-        modalities = [c for c in f.embeddings if c != "joint"]
-        scores = {f"knn_{c}": _masked(f.embeddings[c], lambda x: anomaly.knn_distance(x, k)) for c in f.embeddings}
-        pairs = [(a, b) for a, b in itertools.combinations(modalities, 2)
-                 if f.embeddings[a].shape[1] == f.embeddings[b].shape[1]]
-        if pairs:
-            disagreement = mean_present([anomaly.cross_modal_disagreement(f.embeddings[a], f.embeddings[b]) for a, b in pairs])
-            scores["cross_modal"] = disagreement
-        main = "joint" if "joint" in f.embeddings else modalities[0]
-        scores[f"iforest_{main}"] = _masked(f.embeddings[main], lambda x: anomaly.isolation_forest(x, seed=seed))
-        for name, values in scores.items():
-            columns[f"{f.name}/{name}"] = values
-            finite = np.isfinite(values)
-            pct = np.full(len(values), np.nan)
-            pct[finite] = anomaly.rank_percentile(values[finite])
-            percentiles.append(pct)
-    columns["fused_rank"] = mean_present(percentiles)
-    table = pa.table(columns).sort_by([("fused_rank", "descending")])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".csv":
-        pa_csv.write_csv(table, out)
-    else:
-        pq.write_table(table, out)
-    return out
-
-
-def _masked(x: np.ndarray, fn) -> np.ndarray:
-    """Apply a score to the rows with a finite embedding; NaN for the others."""
-    keep = np.isfinite(x).all(1)
-    out = np.full(len(x), np.nan)
-    if keep.sum() > 1:
-        out[keep] = fn(x[keep])
-    return out

@@ -1,0 +1,289 @@
+"""What `fmb detect` found, measured two ways: against planted truth, and across models.
+
+Truth (`truth_anomaly`: the anomaly kind, null for a normal object) comes from an embedding file
+(`fmb embed` carries `truth_*` columns of the data along) or from `--truth FILE` (a data directory,
+parquet, CSV or FITS table joined on the object id). Per model, score and kind (and `any`):
+AUROC and average precision of that kind against the normal objects (scikit-learn; objects
+without the score left out, `scored` says how many of the kind had it), and recall in the top 1%
+and 5% of the score (counted over every object of the kind, so an unscored one is a miss).
+
+Across models (and across the scores of one model): Spearman correlation of the scores, Jaccard
+overlap of their top K, top-1% displacement (share of A's top 1% inside B's top 1% and top 10%),
+and the neighbour ranks: for the top 1% of a model, the mean percentile of their k nearest
+neighbours' scores (0.5 would be chance: high means anomalies come in groups, such as a rare class,
+rather than alone). Tables as markdown + CSV; heatmaps with `--plots` (the `plots` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from fmb.embeddings import EmbeddingFile
+from fmb.errors import ConfigError, DataError
+from fmb.evaluation import anomaly
+from fmb.evaluation.catalog import Catalog, join, read_catalog
+
+if TYPE_CHECKING:
+    from fmb.evaluation.detect import Detection, DetectOptions
+
+log = logging.getLogger("fmb")
+
+TRUTH_COLUMN = "truth_anomaly"
+RECALL_AT = (0.01, 0.05)
+TRUTH_FIELDS = ["model", "score", "kind", "positives", "scored", "prevalence", "auroc", "average_precision",
+                "recall_top1", "recall_top5"]
+
+
+def normal_labels(values: np.ndarray) -> np.ndarray:
+    """Anomaly kinds as objects, None for a normal object (null, empty, NaN)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        text = None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v).strip()
+        out[i] = text or None
+    return out
+
+
+def find_truth(files: list[EmbeddingFile], ids: np.ndarray, truth_file: str | None, id_column: str) -> np.ndarray | None:
+    """The anomaly kind of each object (None: normal), from `truth_file` if given, else from the
+    first embedding file with a `truth_anomaly` column; None when neither has one."""
+    if truth_file is not None:
+        return normal_labels(join(read_truth(truth_file, id_column), ids, "the embedding files")[TRUTH_COLUMN])
+    for f in files:
+        if TRUTH_COLUMN in f.targets:
+            return normal_labels(f.targets[TRUTH_COLUMN])
+    return None
+
+
+def read_truth(path: str, id_column: str) -> Catalog:
+    """`truth_anomaly` by object id from a data directory or parquet file (every split) or a CSV / FITS table."""
+    from fmb.data.tables import resolve_files
+
+    root = Path(path)
+    if root.is_dir() or root.suffix == ".parquet":
+        ids, labels = [], []
+        for file in resolve_files(root, None):
+            names = pq.read_schema(file).names
+            for column in (id_column, TRUTH_COLUMN):
+                if column not in names:
+                    raise DataError(f"{file}: no column '{column}'; it has {', '.join(names[:20])}")
+            table = pq.read_table(file, columns=[id_column, TRUTH_COLUMN])
+            ids.append(table.column(id_column).to_numpy(zero_copy_only=False))
+            labels.append(normal_labels(table.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)))
+        all_labels = np.concatenate(labels)
+        missing = int(sum(v is None for v in all_labels))
+        return Catalog(root, np.concatenate(ids), {TRUTH_COLUMN: all_labels}, missing={TRUTH_COLUMN: missing})
+    return read_catalog(root, id_column, {TRUTH_COLUMN: TRUTH_COLUMN}, sentinels=())
+
+
+def truth_rows(result: Detection) -> list[dict]:
+    """Per model, score and anomaly kind (and `any`): AUROC, AP, recall in the top 1% / 5%."""
+    metrics = anomaly.discovery_import("sklearn.metrics")
+    truth = result.truth
+    kinds = sorted({v for v in truth if v is not None})
+    normal = np.array([v is None for v in truth])
+    rows = []
+    for model, name, values in scored_series(result):
+        finite = np.isfinite(values)
+        top = {q: top_mask(values, q) for q in RECALL_AT}
+        for kind in [*kinds, "any"]:
+            positive = ~normal if kind == "any" else np.array([v == kind for v in truth])
+            use = finite & (positive | normal)
+            y = positive[use]
+            row = {"model": model, "score": name, "kind": kind, "positives": int(positive.sum()),
+                   "scored": int((positive & finite).sum()), "prevalence": float(y.mean()) if len(y) else np.nan}
+            both = 0 < y.sum() < len(y)
+            row["auroc"] = float(metrics.roc_auc_score(y, values[use])) if both else np.nan
+            row["average_precision"] = float(metrics.average_precision_score(y, values[use])) if both else np.nan
+            for q, field in zip(RECALL_AT, ("recall_top1", "recall_top5"), strict=True):
+                row[field] = float((positive & top[q]).sum() / positive.sum()) if positive.any() else np.nan
+            rows.append(row)
+    return rows
+
+
+def scored_series(result: Detection) -> list[tuple[str, str, np.ndarray]]:
+    """(model, score name, values) of every score, every model's fused score and the overall one."""
+    series = [(s.model, s.name, s.values) for s in result.scores]
+    series += [(m, f"{m}/anomaly_score", v) for m, v in result.model_scores.items()]
+    if len(result.model_scores) > 1:
+        series.append(("all", "anomaly_score", result.anomaly_score))
+    return series
+
+
+def top_mask(values: np.ndarray, share: float) -> np.ndarray:
+    """The ceil(share x n) highest finite values (at least one)."""
+    return top_rows(values, max(1, int(np.ceil(share * np.isfinite(values).sum()))))
+
+
+def top_rows(values: np.ndarray, count: int) -> np.ndarray:
+    """Mask of the `count` highest finite values."""
+    finite = np.flatnonzero(np.isfinite(values))
+    mask = np.zeros(len(values), bool)
+    mask[finite[np.argsort(-values[finite], kind="stable")[:count]]] = True
+    return mask
+
+
+def spearman(a: np.ndarray, b: np.ndarray, ranks: dict[int, np.ndarray] | None = None) -> float:
+    """Rank correlation over the objects that have both scores (`ranks`: percentiles already
+    computed, by id of the array, reused when both scores cover the same objects)."""
+    both = np.isfinite(a) & np.isfinite(b)
+    if both.sum() < 3:
+        return np.nan
+    if ranks is not None and both.sum() == np.isfinite(a).sum() == np.isfinite(b).sum():
+        ra, rb = ranks[id(a)][both], ranks[id(b)][both]
+    else:
+        ra, rb = anomaly.percentile(a[both]), anomaly.percentile(b[both])
+    if ra.std() == 0 or rb.std() == 0:
+        return np.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else np.nan
+
+
+def agreement_rows(result: Detection, top_k: int) -> list[dict]:
+    """Pairwise figures between every two series (scores and fused scores): Spearman, Jaccard of the
+    top K, share of A's top 1% in B's top 1% and top 10%."""
+    series = scored_series(result)
+    tops = {name: (top_rows(v, top_k), top_mask(v, 0.01), top_mask(v, 0.10)) for _, name, v in series}
+    ranks = {id(v): anomaly.percentile(v) for _, _, v in series}
+    correlation: dict[tuple[str, str], float] = {}
+    rows = []
+    for _, a, va in series:
+        for _, b, vb in series:
+            if (b, a) not in correlation:
+                correlation[a, b] = spearman(va, vb, ranks)
+            k_a, one_a, _ = tops[a]
+            k_b, one_b, ten_b = tops[b]
+            rows.append({"a": a, "b": b, "spearman": correlation.get((a, b), correlation.get((b, a))),
+                         f"jaccard_top{top_k}": jaccard(k_a, k_b),
+                         "top1_in_top1": float((one_a & one_b).sum() / one_a.sum()),
+                         "top1_in_top10": float((one_a & ten_b).sum() / one_a.sum())})
+    return rows
+
+
+def neighbour_rows(result: Detection) -> list[dict]:
+    """For each neighbour graph (model/column): the mean percentile, under each model's fused score,
+    of the neighbours of the graph model's top 1%, and of everyone's neighbours (the baseline); with
+    truth, the share of an anomaly's neighbours of its own kind against that kind's share of objects."""
+    rows = []
+    for graph, (scored, nb) in result.neighbours.items():
+        model = graph.split("/")[0]
+        own = result.model_scores.get(model)
+        if own is None:
+            continue
+        neighbour_rows_global = scored[nb.index]  # (rows, k) positions in the aligned objects
+        top = top_mask(own[scored], 0.01)
+        for other, values in result.model_scores.items():
+            pct = anomaly.percentile(values)[neighbour_rows_global]
+            rows.append({"graph": graph, "anomalies_by": model, "neighbours_scored_by": other,
+                         "what": "top 1% neighbours' mean percentile", "value": float(np.nanmean(pct[top])),
+                         "baseline": float(np.nanmean(pct))})
+        if result.truth is not None:
+            kinds = result.truth[scored]
+            neighbour_kinds = result.truth[neighbour_rows_global]
+            for kind in sorted({v for v in kinds if v is not None}):
+                mine = kinds == kind
+                same = (neighbour_kinds[mine] == kind).mean()
+                rows.append({"graph": graph, "anomalies_by": "truth", "neighbours_scored_by": "truth",
+                             "what": f"share of a {kind}'s neighbours that are {kind}", "value": float(same),
+                             "baseline": float(mine.mean())})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def number(value: float) -> str:
+    return "" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def markdown(rows: list[dict], fields: list[str]) -> str:
+    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
+    for r in rows:
+        lines.append("| " + " | ".join(number(r[f]) if isinstance(r[f], float) else str(r[f]) for f in fields) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def matrix(rows: list[dict], field: str) -> tuple[list[str], np.ndarray]:
+    names = list(dict.fromkeys(r["a"] for r in rows))
+    values = np.full((len(names), len(names)), np.nan)
+    for r in rows:
+        values[names.index(r["a"]), names.index(r["b"])] = r[field]
+    return names, values
+
+
+def write_reports(result: Detection, out_dir: Path, options: DetectOptions) -> dict[str, Path]:
+    """truth.md / truth.csv (when truth is known), agreement.md / .csv, neighbours.csv, and heatmaps
+    under plots/ with `options.plots`."""
+    written: dict[str, Path] = {}
+    if result.truth is not None:
+        if all(v is None for v in result.truth):
+            log.warning("truth_anomaly is null for every object: no planted anomalies to measure against")
+        else:
+            rows = truth_rows(result)
+            fused = [f"{r['model']} {r['auroc']:.3f}" for r in rows if r["kind"] == "any" and r["score"].endswith("anomaly_score")]
+            result.truth_headline = "AUROC of the fused scores over every planted kind: " + ", ".join(fused)
+            written["truth"] = write_csv(out_dir / "truth.csv", rows)
+            (out_dir / "truth.md").write_text("# Scores against planted truth\n\n" + markdown(rows, TRUTH_FIELDS))
+    rows = agreement_rows(result, options.top_k)
+    written["agreement"] = write_csv(out_dir / "agreement.csv", rows)
+    neighbours = neighbour_rows(result)
+    if neighbours:
+        write_csv(out_dir / "neighbours.csv", neighbours)
+    models = [f"{m}/anomaly_score" for m in result.model_scores]
+    focus = models if len(models) > 1 else [name for _, name, _ in scored_series(result)]
+    shown = [r for r in rows if r["a"] in focus and r["b"] in focus and r["a"] != r["b"]]
+    fields = ["a", "b", "spearman", f"jaccard_top{options.top_k}", "top1_in_top1", "top1_in_top10"]
+    text = ["# Agreement", "", f"Between {'models (fused scores)' if len(models) > 1 else 'the scores of one model'}; "
+            "every score in agreement.csv.", "", markdown(shown, fields)]
+    if neighbours:
+        text += ["## Neighbour ranks", "", markdown(neighbours, ["graph", "anomalies_by", "neighbours_scored_by", "what",
+                                                               "value", "baseline"])]
+    (out_dir / "agreement.md").write_text("\n".join(text))
+    written["agreement_md"] = out_dir / "agreement.md"
+    if options.plots:
+        written["plots"] = heatmaps(rows, [r for r in rows if r["a"] in focus and r["b"] in focus], out_dir / "plots",
+                                    options.top_k)
+    return written
+
+
+def heatmaps(rows: list[dict], focus: list[dict], plot_dir: Path, top_k: int) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plots needs matplotlib: pip install -e '.[plots]'") from None
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for field, title, subset in (("spearman", "Spearman correlation of scores", rows),
+                                 (f"jaccard_top{top_k}", f"Jaccard overlap of the top {top_k}", focus),
+                                 ("top1_in_top10", "share of row's top 1% in column's top 10%", focus)):
+        names, values = matrix(subset, field)
+        size = 3 + 0.35 * len(names)
+        fig, ax = plt.subplots(figsize=(size + 1, size))
+        image = ax.imshow(values, vmin=-1 if field == "spearman" else 0, vmax=1, cmap="RdBu_r" if field == "spearman" else "viridis")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        if len(names) <= 12:
+            for (i, j), v in np.ndenumerate(values):
+                ax.text(j, i, number(v), ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(image, ax=ax)
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(plot_dir / f"{field}.png", dpi=110)
+        plt.close(fig)
+    return plot_dir
