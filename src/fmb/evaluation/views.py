@@ -53,7 +53,7 @@ SPECTRAL_LINES = (
 IMAGE_COLUMN, SPECTRUM_COLUMN, REDSHIFT_COLUMN = "RGB_image", "spectrum", "redshift"
 BAND_NAMES = {c: c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS}
 # what a gallery shows first when the table has it (fmb detect's fused score)
-HEADLINE_SCORES = ("anomaly_score", "fused_rank")
+HEADLINE_SCORES = ("anomaly_score",)
 
 
 @dataclass
