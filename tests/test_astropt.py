@@ -156,6 +156,19 @@ def test_patch_order_is_row_column_channel():
     assert patches[1, :3].tolist() == [image[0, 0, 2].item(), image[1, 0, 2].item(), image[2, 0, 2].item()]
 
 
+def test_rgb_patches_equal_the_channel_first_path_and_columns_follow_modalities():
+    from fmb.data.surveys.euclid_desi import rgb_tensor
+    from fmb.models.astropt.data import columns_for, rgb_patches
+
+    image = {"bytes": encode_png(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))}
+    for size in (16, 8):  # as decoded, and resized
+        assert torch.equal(rgb_patches(image, size, 4), image_patches(rgb_tensor(image, size), 4))
+    images = [Modality(name="images", input_size=48, patch_size=4)]
+    assert columns_for(images) == ["object_id", "targetid", "redshift", "RGB_image.bytes"]
+    both = [*images, Modality(name="spectra", input_size=10, patch_size=10)]
+    assert columns_for(both) == COLUMNS and "spectrum.error" not in COLUMNS
+
+
 def test_spectrum_cleaning_pads_trims_masks_and_guards_zero_spread():
     flux = np.array([1.0, np.nan, 3.0, np.inf, 5.0], np.float32)
     values, valid = clean_spectrum({"flux": flux}, length=7, grid=5)  # the model input is longer than the grid

@@ -30,6 +30,10 @@ log = logging.getLogger("fmb")
 DESI_PIXELS = 7781
 DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid (Angstrom)
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
+# What `rgb_array` and `desi_flux` read, as TableSource columns: the struct fields they use and no
+# more (the RGB path, and the spectrum's error array, which only AION's inverse variance needs).
+RGB_COLUMNS = ["RGB_image.bytes"]
+FLUX_COLUMNS = ["spectrum.flux", "spectrum.wavelength"]
 # Per-band zero points (Jy) for the flux conversion factor ZP_nu / 3631.
 EUCLID_ZERO_POINTS = {"VIS_image": 2835.34, "NISP_Y_image": 1916.10, "NISP_J_image": 1370.25, "NISP_H_image": 918.35}
 
@@ -130,14 +134,23 @@ def _split_name(path: str, split: str) -> str | None:
     return split
 
 
+def rgb_array(image_struct: dict | None) -> np.ndarray:
+    """`RGB_image` {bytes} -> H x W x 3 uint8, as decoded."""
+    if image_struct is None or not image_struct.get("bytes"):
+        raise DataError("no image bytes")
+    return decode_image(image_struct["bytes"])
+
+
 def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
-    """`RGB_image` {bytes, path} -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
+    """`RGB_image` {bytes} -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
+    return rgb_resized(rgb_array(image_struct), size)
+
+
+def rgb_resized(array: np.ndarray, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
     import torch
     import torch.nn.functional as F
 
-    if image_struct is None or not image_struct.get("bytes"):
-        raise DataError("no image bytes")
-    array = decode_image(image_struct["bytes"])
     image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
     if image.shape[1:] != (size, size):
         shrink = size < max(image.shape[1:])  # antialiasing only matters when shrinking, and is slow

@@ -16,13 +16,28 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.surveys.euclid_desi import SplitRows, clean_spectrum, rgb_tensor, scalar_values
+from fmb.data.surveys.euclid_desi import (
+    FLUX_COLUMNS,
+    RGB_COLUMNS,
+    SplitRows,
+    clean_spectrum,
+    rgb_array,
+    rgb_resized,
+    scalar_values,
+)
 from fmb.errors import DataError
 from fmb.models.astropt.model import Modality
 
 log = logging.getLogger("fmb")
 
-COLUMNS = ["object_id", "targetid", "redshift", "RGB_image", "spectrum"]
+COLUMNS = ["object_id", "targetid", "redshift", *RGB_COLUMNS, *FLUX_COLUMNS]
+
+
+def columns_for(modalities: list[Modality]) -> list[str]:
+    """The columns a model with these modalities reads (an image-only model skips the spectra)."""
+    names = {m.name for m in modalities}
+    return [c for c in COLUMNS if not ((c in RGB_COLUMNS and "images" not in names)
+                                       or (c in FLUX_COLUMNS and "spectra" not in names))]
 
 
 def image_patches(image: torch.Tensor, patch: int) -> torch.Tensor:
@@ -30,6 +45,18 @@ def image_patches(image: torch.Tensor, patch: int) -> torch.Tensor:
     channels, height, width = image.shape
     grid = image.permute(1, 2, 0).reshape(height // patch, patch, width // patch, patch, channels)
     return grid.permute(0, 2, 1, 3, 4).reshape(-1, patch * patch * channels)
+
+
+def rgb_patches(image_struct: dict | None, size: int, patch: int) -> torch.Tensor:
+    """`RGB_image` -> `image_patches` of the (3, size, size) image in [0, 1]. An image already at `size`
+    is cut into patches as decoded (uint8, height x width x channel: the patch layout already), and
+    only then turned into floats: the same values, without the channel-first round trip."""
+    array = rgb_array(image_struct)
+    height, width, channels = array.shape
+    if (height, width) != (size, size):
+        return image_patches(rgb_resized(array, size), patch)
+    grid = array.reshape(height // patch, patch, width // patch, patch, channels).transpose(0, 2, 1, 3, 4)
+    return torch.from_numpy(grid.reshape(-1, patch * patch * channels)).float().div_(255.0)
 
 
 def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +104,7 @@ class EuclidDesiPatches(Dataset):
             patch = self.modalities["images"].patch_size
             item["fault_image"] = ""
             try:
-                tokens = image_patches(rgb_tensor(row["RGB_image"], self.image_size), patch)
+                tokens = rgb_patches(row["RGB_image"], self.image_size, patch)
                 mask = torch.ones(len(tokens), dtype=torch.bool)
             except DataError as exc:
                 if row["RGB_image"] is not None:  # present but unusable; a null image is simply absent
