@@ -183,6 +183,8 @@ def model_inputs(modalities: list[Modality], batch: dict) -> tuple[dict, dict, d
     tokens, positions, masks = {}, {}, {}
     for mod in modalities:
         values = batch[mod.name]
+        if values.dtype == torch.uint8:  # 8-bit image patches (fmb.models.astropt.data.rgb_patches)
+            values = values.float().div_(255.0)
         tokens[mod.name] = values
         masks[mod.name] = batch[f"{mod.name}_mask"]
         if mod.positions == "index":
