@@ -12,7 +12,10 @@ no workers. fmb's side is `EuclidDesiPatches` through `fmb.train.loader.make_loa
 block-shuffling `ResumableSampler`, the path `fmb retrain astropt` takes.
 
 Both sides run in turn within each round (paired), over `--epochs` epochs of the same data; the
-first epoch of each is a warm-up (worker start, first reads), the rate is over the others. Targets
+first epoch of each is a warm-up (worker start, first reads), the wall rate is over the others. Also
+printed: samples per CPU second of the main process and its workers together (every epoch), the
+cost of a sample whatever else the machine runs: on a shared machine wall rates with workers
+measure the free cores more than the loader. Targets
 (issue 19): with W workers >= 0.8 x W x the one-worker rate, and one worker >= 1.5 x the naive path.
 Beside it: what a GPU step consumes (a stated figure, not measured here).
 """
@@ -23,8 +26,10 @@ import argparse
 import io
 import json
 import os
+import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +86,14 @@ class NaiveRows(Dataset):
         return {"object_id": row["object_id"], "images": patches, "spectra": spectrum}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (DataLoader workers, once joined)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed_epochs(loader: DataLoader, sampler: ResumableSampler | None, dataset: Dataset | None, epochs: int) -> float:
-    """Samples per second over the epochs after the first."""
+    """Samples per second of wall time over the epochs after the first."""
     samples, seconds = 0, 0.0
     for epoch in range(epochs):
         if sampler is not None:
@@ -94,6 +105,13 @@ def timed_epochs(loader: DataLoader, sampler: ResumableSampler | None, dataset: 
         if epoch:
             samples, seconds = samples + count, seconds + time.perf_counter() - start
     return samples / seconds
+
+
+def measured(rate: Callable[[], float], samples: int) -> tuple[float, float]:
+    """(wall samples/s after the warm-up epoch, samples per CPU second over every epoch, workers included)."""
+    start = cpu_seconds()
+    wall = rate()
+    return wall, samples / (cpu_seconds() - start)
 
 
 def naive_rate(path: Path, batch: int, epochs: int) -> float:
@@ -128,32 +146,42 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     path = synthetic(args.data, args.objects)
-    rates: dict[str, list[float]] = {"naive": [], **{f"fmb_{w}": [] for w in args.workers}}
+    samples = (pq.ParquetFile(path).metadata.num_rows // args.batch) * args.batch * args.epochs
+    runs = {"naive": lambda: naive_rate(path, args.batch, args.epochs),
+            **{f"fmb_{w}": (lambda w=w: fmb_rate(path, args.batch, w, args.epochs)) for w in args.workers}}
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
-        rates["naive"].append(naive_rate(path, args.batch, args.epochs))
-        for w in args.workers:
-            rates[f"fmb_{w}"].append(fmb_rate(path, args.batch, w, args.epochs))
-    median = {name: statistics.median(values) for name, values in rates.items()}
+        for name, run in runs.items():
+            rate, per_cpu = measured(run, samples)
+            wall[name].append(rate)
+            cpu[name].append(per_cpu)
+    median = {name: statistics.median(values) for name, values in wall.items()}
+    per_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     load = os.getloadavg()[0]
     print(f"Euclid + DESI, {IMAGE_SIZE} px images + spectra, batch {args.batch}, {args.threads} main thread(s), "
           f"{args.rounds} paired rounds, load average {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"  naive per-sample path (peer), 0 workers: {median['naive']:8.1f} samples/s")
+    print("  samples/s of wall time (after a warm-up epoch), and samples per CPU second (main process + workers)")
+    print(f"  naive per-sample path (peer), 0 workers: {median['naive']:7.1f} /s  {per_cpu['naive']:7.1f} per CPU s")
     one = median.get("fmb_1")
     for w in args.workers:
-        rate = median[f"fmb_{w}"]
-        line = f"  fmb, {w} worker(s): {rate:8.1f} samples/s  x{rate / median['naive']:.2f} naive"
+        name = f"fmb_{w}"
+        line = (f"  fmb, {w} worker(s): {median[name]:7.1f} /s  {per_cpu[name]:7.1f} per CPU s  "
+                f"x{median[name] / median['naive']:.2f} naive (wall), x{per_cpu[name] / per_cpu['naive']:.2f} (CPU)")
         if w > 0:
-            line += f"  {rate / w:.1f} per worker"
+            line += f"  {median[name] / w:.1f}/s per worker"
         if one and w > 1:
-            line += f"  {rate / (w * one):.2f} of W x one-worker (target >= 0.80)"
+            line += f"  {median[name] / (w * one):.2f} of W x one-worker (target >= 0.80)"
         print(line)
     if one:
-        print(f"  one worker / naive: {one / median['naive']:.2f} (target >= 1.50)")
+        print(f"  one worker / naive: {one / median['naive']:.2f} wall, {per_cpu['fmb_1'] / per_cpu['naive']:.2f} CPU "
+              "(target >= 1.50)")
     print(f"  GPU consumption, AstroPT 095M at 40% MFU on an H100: ~{GPU_CONSUMPTION:.0f} samples/s (stated, "
           f"not measured): {GPU_CONSUMPTION / one if one else float('nan'):.1f} workers at the one-worker rate")
     if args.json:
-        args.json.write_text(json.dumps({"samples_per_s": median, "rounds": rates, "load_average": load,
-                                         "batch": args.batch, "gpu_consumption_stated": GPU_CONSUMPTION}, indent=1))
+        args.json.write_text(json.dumps({"samples_per_s": median, "samples_per_cpu_s": per_cpu, "rounds": wall,
+                                         "rounds_per_cpu_s": cpu, "load_average": load, "batch": args.batch,
+                                         "gpu_consumption_stated": GPU_CONSUMPTION}, indent=1))
 
 
 if __name__ == "__main__":
