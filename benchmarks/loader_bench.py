@@ -43,18 +43,20 @@ from fmb.models.astropt.data import EuclidDesiPatches, columns_for
 from fmb.models.astropt.model import Modality
 from fmb.train.loader import ResumableSampler, make_loader, stop_workers
 
-IMAGE_SIZE, PATCH, SPECTRUM_PATCH, SPECTRUM_LENGTH = 224, 16, 10, 7781
+PATCH, SPECTRUM_PATCH, SPECTRUM_LENGTH = 16, 10, 7781
 MODALITIES = [Modality("images", PATCH * PATCH * 3, PATCH), Modality("spectra", SPECTRUM_PATCH, SPECTRUM_PATCH)]
 # issue 19: the 095M AstroPT preset at 40% MFU on one H100, 224 px images + spectra (stated, not measured)
 GPU_CONSUMPTION = 270.0
 
 
-def synthetic(directory: Path, objects: int) -> Path:
-    """The Euclid + DESI synthetic sample at 224 px (written once; `fmb data synth euclid-desi` writes
-    the same schema at 64 px)."""
-    marker = directory / f".complete-{objects}"
+def synthetic(directory: Path, objects: int, size: int) -> Path:
+    """The Euclid + DESI synthetic sample at `size` px (written once; `fmb data synth euclid-desi` writes
+    the same schema at 64 px); or `directory` itself, when it is a parquet file already."""
+    if directory.suffix == ".parquet":
+        return directory
+    marker = directory / f".complete-{objects}-{size}"
     if not marker.exists():
-        euclid_desi.write(directory, objects, seed=0, image_size=IMAGE_SIZE)
+        euclid_desi.write(directory, objects, seed=0, image_size=size)
         marker.touch()
     return directory / "data" / "train-00000-of-00001.parquet"
 
@@ -62,8 +64,9 @@ def synthetic(directory: Path, objects: int) -> Path:
 class NaiveRows(Dataset):
     """The peer: a row as Python objects -> Pillow -> NumPy -> tokens."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int) -> None:
         self.table = pq.read_table(path, columns=["object_id", "RGB_image", "spectrum"])
+        self.size = size
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -74,7 +77,7 @@ class NaiveRows(Dataset):
         row = self.table.slice(i, 1).to_pylist()[0]
         image = np.array(Image.open(io.BytesIO(row["RGB_image"]["bytes"])).convert("RGB"))
         pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
-        side = IMAGE_SIZE // PATCH
+        side = self.size // PATCH
         patches = pixels.reshape(3, side, PATCH, side, PATCH).permute(1, 3, 2, 4, 0).reshape(-1, PATCH * PATCH * 3)
         if row["spectrum"] is None:
             flux = np.zeros(SPECTRUM_LENGTH, np.float32)
@@ -114,16 +117,16 @@ def measured(rate: Callable[[], float], samples: int) -> tuple[float, float]:
     return wall, samples / (cpu_seconds() - start)
 
 
-def naive_rate(path: Path, batch: int, epochs: int) -> float:
-    dataset = NaiveRows(path)
+def naive_rate(path: Path, size: int, batch: int, epochs: int) -> float:
+    dataset = NaiveRows(path, size)
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
                         generator=torch.Generator().manual_seed(0))
     return timed_epochs(loader, None, None, epochs)
 
 
-def fmb_rate(path: Path, batch: int, workers: int, epochs: int) -> float:
+def fmb_rate(path: Path, size: int, batch: int, workers: int, epochs: int) -> float:
     rows = open_split(str(path), "train", columns_for(MODALITIES), None, 0.0, 0)
-    dataset = EuclidDesiPatches(rows, MODALITIES, IMAGE_SIZE, SPECTRUM_LENGTH)
+    dataset = EuclidDesiPatches(rows, MODALITIES, size, SPECTRUM_LENGTH)
     sampler = ResumableSampler(dataset, num_replicas=1, rank=0, seed=0)
     loader = make_loader(dataset, sampler, batch, workers, None, pin_memory=False, drop_last=True, seed=0)
     try:
@@ -134,8 +137,9 @@ def fmb_rate(path: Path, batch: int, workers: int, epochs: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=Path("/tmp/fmb-loader-bench"), help="where the 224 px sample is written")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/fmb-loader-bench"), help="where the sample is written, or a Euclid + DESI parquet file to read")
     parser.add_argument("--objects", type=int, default=512, help="objects in the sample (85%% of them train)")
+    parser.add_argument("--image-size", type=int, default=224, help="pixels (a multiple of 16)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=3, help="per measurement; the first is a warm-up")
@@ -145,10 +149,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    path = synthetic(args.data, args.objects)
+    path = synthetic(args.data, args.objects, args.image_size)
     samples = (pq.ParquetFile(path).metadata.num_rows // args.batch) * args.batch * args.epochs
-    runs = {"naive": lambda: naive_rate(path, args.batch, args.epochs),
-            **{f"fmb_{w}": (lambda w=w: fmb_rate(path, args.batch, w, args.epochs)) for w in args.workers}}
+    runs = {"naive": lambda: naive_rate(path, args.image_size, args.batch, args.epochs),
+            **{f"fmb_{w}": (lambda w=w: fmb_rate(path, args.image_size, args.batch, w, args.epochs)) for w in args.workers}}
     wall: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.rounds):
@@ -159,7 +163,7 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in wall.items()}
     per_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     load = os.getloadavg()[0]
-    print(f"Euclid + DESI, {IMAGE_SIZE} px images + spectra, batch {args.batch}, {args.threads} main thread(s), "
+    print(f"Euclid + DESI, {args.image_size} px images + spectra, batch {args.batch}, {args.threads} main thread(s), "
           f"{args.rounds} paired rounds, load average {load:.1f} on {os.cpu_count()} CPUs")
     print("  samples/s of wall time (after a warm-up epoch), and samples per CPU second (main process + workers)")
     print(f"  naive per-sample path (peer), 0 workers: {median['naive']:7.1f} /s  {per_cpu['naive']:7.1f} per CPU s")
@@ -180,7 +184,7 @@ def main() -> None:
           f"not measured): {GPU_CONSUMPTION / one if one else float('nan'):.1f} workers at the one-worker rate")
     if args.json:
         args.json.write_text(json.dumps({"samples_per_s": median, "samples_per_cpu_s": per_cpu, "rounds": wall,
-                                         "rounds_per_cpu_s": cpu, "load_average": load, "batch": args.batch,
+                                         "rounds_per_cpu_s": cpu, "load_average": load, "batch": args.batch, "image_size": args.image_size,
                                          "gpu_consumption_stated": GPU_CONSUMPTION}, indent=1))
 
 
