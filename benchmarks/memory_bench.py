@@ -5,7 +5,7 @@ parquet shards and for a `save_to_disk` Arrow directory of the same objects.
     PYTHONPATH=src python benchmarks/memory_bench.py --sizes 1000 8000 32000
 
 Each case is its own `python -m fmb ...` process (0 DataLoader workers, so the one process holds all
-of it), and its peak RSS is the kernel's figure for that process (`wait4`). The data is the
+of it), and its peak RSS is the kernel's figure for that process (`wait4`, from a small launcher). The data is the
 Euclid + DESI synthetic sample (`fmb data synth euclid-desi`, 64 px); the model is a one-layer AstroPT
 trained for two steps, so the figures are the data path's: a reader whose memory follows the dataset
 (every page of a memory-mapped file that was read stays in the resident set) shows growth here.
@@ -35,15 +35,28 @@ def fmb(*args: str) -> list[str]:
     return [sys.executable, "-m", "fmb", *args]
 
 
+# Started by a small launcher process: a child forked straight from this script would report this
+# script's own peak (the kernel keeps the larger of the pre-exec and post-exec peaks).
+LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def peak_rss(command: list[str], log: Path) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one process."""
     start = time.perf_counter()
+    peak = log.with_suffix(".maxrss")
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start
+        code = subprocess.run([sys.executable, "-c", LAUNCH, str(peak), *command], stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(command)}\n{log.read_text()[-3000:]}")
+    return int(peak.read_text()) / 1024, time.perf_counter() - start
 
 
 def to_save_to_disk(parquet_root: Path, out: Path) -> Path:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fmb.data.hdf5 import HDF5Source
 from fmb.data.splits import holdout_mask
-from fmb.data.tables import TableSource, available_splits, rows_by_id
+from fmb.data.tables import TableSource, available_splits, column_names, rows_by_id
 from fmb.errors import DataError
 
 
@@ -113,6 +113,7 @@ def test_save_to_disk_directory_is_memory_mapped(tmp_path):
     row = source.row(15)
     assert row["object_id"] == 15 and row["RGB_image"]["bytes"] == bytes([15]) and row["redshift"] == 0.15
     assert TableSource(tmp_path / "ds" / "test", ["object_id"]).row(0)["object_id"] == 50
+    assert column_names(tmp_path / "ds")[:2] == ["object_id", "redshift"]  # a DatasetDict: its first split's
     with pytest.raises(DataError, match="split 'val' not found"):
         TableSource(tmp_path / "ds", ["object_id"], split="val")
 

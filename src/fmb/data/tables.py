@@ -88,7 +88,10 @@ def resolve_files(path: str | Path, split: str | None) -> list[Path]:
 
 
 def column_names(path: str | Path, split: str | None = None) -> list[str]:
-    """The columns of a dataset (from its first file's schema), without reading any rows."""
+    """The columns of a dataset (from its first file's schema; of a `save_to_disk` DatasetDict without
+    `split`, its first split's), without reading any rows."""
+    if split is None and (Path(path) / "dataset_dict.json").is_file():
+        split = next(iter(available_splits(Path(path))), None)
     return _inspect(resolve_files(path, split)[0])[0].names
 
 
