@@ -23,6 +23,7 @@ import mmap
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ import pyarrow.parquet as pq
 from fmb.errors import DataError
 
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}")
-# Rows read from memory-mapped Arrow files between two releases of the pages touched (at ~100 KB per
-# Euclid + DESI row, a bound of ~25 MB of mapped pages per process).
-RELEASE_EVERY_ROWS = 256
+# Rows read from memory-mapped Arrow files between two releases of the pages touched. A row touches
+# far more of the map than its own bytes (the kernel reads and maps around each page fault: about
+# 2-3 MB per Euclid + DESI row measured), so this bounds the mapped pages of a process to ~40 MB;
+# releasing costs nothing measurable (the pages are read back from the page cache).
+RELEASE_EVERY_ROWS = 16
 
 
 def available_splits(root: Path) -> list[str]:
@@ -100,6 +103,31 @@ def _split_of(file: Path) -> str:
     return match.group("split") if match else file.stem.split("-")[0]
 
 
+class _RowGroupCache:
+    """Decoded parquet row groups, shared by every TableSource of a process: the sources a run opens
+    (train, validation and test each open their own) keep at most the largest `cache_row_groups` any
+    of them asks for, together, so memory does not grow with the number of splits read; sources
+    over the same file and columns share the row groups."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.tables: OrderedDict[tuple, pa.Table] = OrderedDict()
+
+    def get(self, key: tuple, read: Callable[[], pa.Table], limit: int) -> pa.Table:
+        if self.pid != os.getpid():  # a new process (DataLoader worker) starts empty
+            self.pid, self.tables = os.getpid(), OrderedDict()
+        if key in self.tables:
+            self.tables.move_to_end(key)
+            return self.tables[key]
+        table = self.tables[key] = read()
+        while len(self.tables) > limit:
+            self.tables.popitem(last=False)
+        return table
+
+
+_ROW_GROUPS = _RowGroupCache()
+
+
 class TableSource:
     """Random access by row to selected columns of one split.
 
@@ -132,7 +160,6 @@ class TableSource:
                     total += count
         self._length = total
         self._pid: int | None = None
-        self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         self._arrow: dict[int, tuple[pa.Table, mmap.mmap]] = {}
         self._parquet: dict[int, pq.ParquetFile] = {}
         self._mapped_rows = 0
@@ -142,25 +169,23 @@ class TableSource:
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_pid=None, _cache=OrderedDict(), _arrow={}, _parquet={}, _mapped_rows=0)
+        state.update(_pid=None, _arrow={}, _parquet={}, _mapped_rows=0)
         return state
 
     def _chunk_table(self, chunk: int) -> pa.Table:
         if self._pid != os.getpid():  # a new process (DataLoader worker): drop inherited handles
-            self._pid, self._cache, self._arrow, self._parquet = os.getpid(), OrderedDict(), {}, {}
+            self._pid, self._arrow, self._parquet = os.getpid(), {}, {}
         file_index, group = self._chunks[chunk]
         if group < 0:
             return self._mapped_table(file_index)
-        if chunk in self._cache:
-            self._cache.move_to_end(chunk)
-            return self._cache[chunk]
-        if file_index not in self._parquet:
-            self._parquet[file_index] = pq.ParquetFile(self.files[file_index], memory_map=False)
-        table = self._parquet[file_index].read_row_group(group, columns=self.read_columns[file_index], use_threads=False)
-        self._cache[chunk] = table
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return table
+        columns = self.read_columns[file_index]
+
+        def read() -> pa.Table:
+            if file_index not in self._parquet:
+                self._parquet[file_index] = pq.ParquetFile(self.files[file_index], memory_map=False)
+            return self._parquet[file_index].read_row_group(group, columns=columns, use_threads=False)
+
+        return _ROW_GROUPS.get((str(self.files[file_index]), group, tuple(columns)), read, self.cache_size)
 
     def _mapped_table(self, file_index: int) -> pa.Table:
         """An Arrow file's columns, zero copy over a memory map whose touched pages are released
@@ -199,8 +224,7 @@ class TableSource:
         chunk = bisect.bisect_right(self._starts, index) - 1
         table = self._chunk_table(chunk)
         offset = index - self._starts[chunk]
-        return {name: to_numpy_value(table.column(name).slice(offset, 1).combine_chunks(), children)
-                for name, children in self.fields.items()}
+        return {name: to_numpy_value(_one(table.column(name), offset), children) for name, children in self.fields.items()}
 
     def column(self, name: str) -> np.ndarray:
         """One whole scalar column (ids, redshifts) as an array, reading only that column."""
@@ -235,6 +259,12 @@ class TableSource:
                     elif chunk.num_values > stats.null_count:
                         return True
         return False
+
+
+def _one(column: pa.ChunkedArray, offset: int) -> pa.Array:
+    """Element `offset` as a one-element array: a slice of its chunk, never a concatenation (which
+    copies, and touches memory-mapped pages far beyond the row, from every chunk it spans)."""
+    return next(chunk for chunk in column.slice(offset, 1).chunks if len(chunk))
 
 
 def _inspect(file: Path) -> tuple[pa.Schema, list[int]]:
