@@ -36,9 +36,9 @@ from fmb.errors import DataError
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}")
 # Rows read from memory-mapped Arrow files between two releases of the pages touched. A row touches
 # far more of the map than its own bytes (the kernel reads and maps around each page fault: about
-# 2-3 MB per Euclid + DESI row measured), so this bounds the mapped pages of a process to ~40 MB;
+# 2-3 MB per Euclid + DESI row measured), so this bounds the mapped pages of a process to ~20 MB;
 # releasing costs nothing measurable (the pages are read back from the page cache).
-RELEASE_EVERY_ROWS = 16
+RELEASE_EVERY_ROWS = 8
 
 
 def available_splits(root: Path) -> list[str]:

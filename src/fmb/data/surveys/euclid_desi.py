@@ -67,22 +67,23 @@ class SplitRows:
 
 
 def open_split(path: str, split: str, columns: list[str], val_split: str | None, val_fraction: float,
-               seed: int, train_split: str = "train") -> SplitRows:
+               seed: int, train_split: str = "train", cache_row_groups: int = 4) -> SplitRows:
     """Rows of `split` ("train" or "validation", or a named split such as "test").
 
     Without a named validation split, validation is a hold-out of `val_fraction` of the training
     split chosen by hashing object_id, and "train" excludes it. The test split is never used
-    unless named.
+    unless named. `cache_row_groups`: decoded parquet row groups kept (4 for the block-shuffled
+    training order; 1 where rows are read in order).
     """
     if split == "validation" and val_split:
-        source = TableSource(path, columns, split=val_split)
+        source = TableSource(path, columns, split=val_split, cache_row_groups=cache_row_groups)
         indices = np.arange(len(source))
     elif split in ("train", "validation"):
-        source = TableSource(path, columns, split=_split_name(path, train_split))
+        source = TableSource(path, columns, split=_split_name(path, train_split), cache_row_groups=cache_row_groups)
         held = holdout_mask(source.column("object_id"), val_fraction, seed) if val_fraction > 0 else np.zeros(len(source), bool)
         indices = np.flatnonzero(held if split == "validation" else ~held)
     else:
-        source = TableSource(path, columns, split=_split_name(path, split))
+        source = TableSource(path, columns, split=_split_name(path, split), cache_row_groups=cache_row_groups)
         indices = np.arange(len(source))
     if split != "validation" and len(indices) == 0:
         raise DataError(f"split '{split}' of {path} has no rows")
@@ -101,6 +102,7 @@ def embedding_splits(data: str | None, split: str | None, columns: list[str], cf
     Without `data`, the run's dataset (`cfg.path`) with the run's own splits: "train" and "validation"
     (the hold-out of train, when the data has no validation split) and any other split it holds
     (e.g. "test"). With `data`, the splits that dataset holds, as named (or "all" for a single file).
+    Embedding reads rows in order, so one decoded row group at a time is kept.
     """
     path = data or cfg.path
     if path is None:
@@ -109,13 +111,14 @@ def embedding_splits(data: str | None, split: str | None, columns: list[str], cf
     if data is None:
         others = [s for s in named if s not in (cfg.train_split, cfg.val_split)]
         wanted = [split] if split else ["train", "validation", *others]
-        selected = [(name, open_split(path, name, columns, cfg.val_split, cfg.val_fraction, seed, cfg.train_split))
+        selected = [(name, open_split(path, name, columns, cfg.val_split, cfg.val_fraction, seed, cfg.train_split, 1))
                     for name in wanted]
     else:
         choices = named or ["all"]
         if split is not None and split not in choices:
             raise ConfigError(f"--split {split}: {data} has {', '.join(choices)}")
-        selected = [(name, open_split(data, name, columns, None, 0.0, 0)) for name in ([split] if split else choices)]
+        selected = [(name, open_split(data, name, columns, None, 0.0, 0, cache_row_groups=1))
+                    for name in ([split] if split else choices)]
     return [(name, rows) for name, rows in selected if len(rows)]
 
 
