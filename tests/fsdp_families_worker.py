@@ -1,6 +1,7 @@
 """One rank of the FSDP test of every family: each family's demo, shrunk, trained 2 steps with
-train.parallel=fsdp and an uneven validation split (3 batches over 2 ranks). Usage:
-python -m tests.fsdp_families_worker OUT PORT_OF_FAMILY1,PORT_OF_FAMILY2,... (RANK / WORLD_SIZE set)."""
+train.parallel=fsdp and an uneven validation split (3 batches over 2 ranks); runs labelled
+`family-variant` are that family with other settings (e.g. a classifier under DDP). Usage:
+python -m tests.fsdp_families_worker OUT PORT_OF_RUN1,PORT_OF_RUN2,... (RANK / WORLD_SIZE set)."""
 
 import os
 import sys
@@ -22,6 +23,9 @@ TINY = {
     "astroclip": ["data.synthetic=40", "data.synthetic_image_size=16", "data.image_size=16"],
     "specformer": ["data.synthetic=40", "data.synthetic_image_size=16"],
     "astrom3": ["data.synthetic=60"],
+    # DDP wraps the model (FSDP does not): the classifier must not read attributes through the wrapper.
+    "astrom3-photo-ddp": ["data.synthetic=60", "model.mode=photo", "train.parallel=ddp",
+                          "train.checkpoint.best_metric=val/accuracy"],
     "astromodal": ["data.synthetic=120", "data.val_fraction=0.3", "tokenizer.scalar_bins=16",
                    "tokenizer.spectrum_codebook=8", "tokenizer.desi_rebin=128", "tokenizer.image_codebook=16",
                    "tokenizer.image_downsample=4", "tokenizer.image_hidden=4", "tokenizer.image_epochs=1",
@@ -33,8 +37,8 @@ if __name__ == "__main__":
     out, ports = Path(sys.argv[1]), sys.argv[2].split(",")
     for name, port in zip(TINY, ports, strict=True):
         os.environ["MASTER_PORT"] = port  # a fresh rendezvous per family
-        family = get_family(name)
-        request = RunRequest(model=name, config_files=[], sets=[f"train.out={out / name}", *COMMON, *TINY[name]],
+        family = get_family(name.split("-")[0])
+        request = RunRequest(model=family.name, config_files=[], sets=[f"train.out={out / name}", *COMMON, *TINY[name]],
                              flags={}, demo=True)
         config, _ = load_run_config(request, family.trainer_class().config_cls)
         result = family.trainer_class()(config).fit()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import re
 
@@ -18,14 +19,17 @@ from fmb.evaluation.benchmark import run_benchmark  # noqa: E402
 
 
 def write_models(tmp_path):
-    """good: the planted signal; noisy: signal plus noise; both with a random-init baseline."""
+    """good: the planted signal; noisy: signal plus noise and a poor prediction of its own (zero-shot
+    `noisy_redshift`); both with a random-init baseline."""
     x, z, labels = planted(n=240)
     rng = np.random.default_rng(7)
     ids = np.arange(500, 740)
     targets = {"redshift": z, "klass": labels}
     noise = rng.standard_normal(x.shape).astype(np.float32)
     write_file(tmp_path / "good.parquet", ids, {"image": x, "joint": x}, **targets)
-    write_file(tmp_path / "noisy.parquet", ids[::-1], {"image": x + 2.0 * noise}, **{k: v[::-1] for k, v in targets.items()})
+    own = z + 0.4 * (1 + z) * rng.standard_normal(len(z))
+    write_file(tmp_path / "noisy.parquet", ids[::-1], {"image": x + 2.0 * noise}, noisy_redshift=own[::-1],
+               **{k: v[::-1] for k, v in targets.items()})
     write_file(tmp_path / "good_random.parquet", ids, {"image": noise, "joint": noise}, **targets)
     write_file(tmp_path / "noisy_random.parquet", ids, {"image": noise * 0.5}, **targets)
 
@@ -61,6 +65,8 @@ def test_leaderboard_ranks_the_planted_signal_first_and_folds_are_frozen(tmp_pat
     assert [e["model"] for e in redshift][:2] == ["good", "good"] and redshift[-1]["model"] == "noisy"
     assert redshift[0]["metric"] == "nmad" and redshift[0]["value"] < redshift[-1]["value"]
     assert not board[("redshift", "noisy", "image")]["tied"]  # clearly worse: intervals apart
+    zero_shot = board[("redshift", "noisy", "noisy_redshift")]  # the model's own prediction, ranked with the probes
+    assert zero_shot["probe"] == "zero-shot" and zero_shot["labels"] == 0.0 and zero_shot == redshift[-1]
     klass = board[("klass", "good", "joint")]
     assert klass["metric"] == "accuracy" and klass["value"] > klass["baseline"] and klass["low"] < klass["value"] < klass["high"]
     with open(tmp_path / "out" / "split.csv") as handle:
@@ -76,7 +82,7 @@ def test_leaderboard_ranks_the_planted_signal_first_and_folds_are_frozen(tmp_pat
     assert all(shared[key] == pytest.approx(r["value"]) for r in again.rows
                for key in [(r["model"], r["embedding"], r["target"], r["probe"], r["labels"], r["metric"])])
     md = (tmp_path / "out" / "leaderboard.md").read_text()
-    assert "fmb benchmark" in md and "| 1 | good |" in md and "### Ranks per task" in md
+    assert "fmb benchmark" in md and "| 1 | good |" in md and "### Ranks per task" in md and "| zero-shot |" in md
     similarity = (tmp_path / "out" / "similarity.md").read_text()
     assert "good/image" in similarity and "noisy/image" in similarity
 
@@ -99,6 +105,9 @@ def test_report_html_is_self_contained_with_every_section(tmp_path, monkeypatch,
     assert figures == ["good__joint__pca.png", "klass__confusion.png", "noisy__image__pca.png", "redshift__few_shot.png",
                        "redshift__scatter.png", "similarity.png"]
     assert len(images) == len(figures)
+    # each figure as wide as its PNG, so captions wrap under it and figures sit side by side
+    widths = [int(w) for w in re.findall(r'<figure style="width:(\d+)px">', html)]
+    assert widths == [int.from_bytes(base64.b64decode(i)[16:20], "big") for i in images]
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing loaded from elsewhere
     assert html.count("<table>") >= 5 and "fmb benchmark " in html
 
@@ -110,6 +119,9 @@ def test_bad_suites_are_clear_errors(tmp_path, monkeypatch, capsys):
     suite = write_suite(tmp_path)
     suite.write_text(suite.read_text().replace("target: klass", "target: mass"))
     with pytest.raises(DataError, match="suite task 'mass'.*no such column"):
+        run_benchmark(suite, tmp_path / "out")
+    suite.write_text(suite.read_text().replace("target: mass", "target: klass").replace("k: 8", "k: 8\ndraws: 0"))
+    with pytest.raises(ConfigError, match="draws: 0; at least one label draw"):
         run_benchmark(suite, tmp_path / "out")
     suite.write_text(suite.read_text().replace("bootstrap:", "bootstraps:"))
     with pytest.raises(ConfigError, match="unknown config key 'bootstraps'.*did you mean 'bootstrap'"):

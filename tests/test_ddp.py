@@ -120,4 +120,6 @@ def test_every_family_trains_under_fsdp_with_an_uneven_validation_split(tmp_path
     assert [line.split()[1] for line in done] == list(TINY)
     assert all(" completed step 2 " in line and "val/loss" in line for line in done), done
     for name in TINY:
-        assert (tmp_path / name / "checkpoints" / "step_0000002" / "optimizer").is_dir()  # sharded optimizer state
+        saved = tmp_path / name / "checkpoints" / "step_0000002"
+        # FSDP shards the optimizer state into a directory; DDP keeps it in the trainer state.
+        assert (saved / "optimizer").is_dir() if "-ddp" not in name else (saved / "trainer_state.pt").is_file(), name

@@ -68,6 +68,30 @@ def test_classification_and_few_shot_curve():
     assert results[0].confusion.sum() == len(x) and list(results[0].classes) == ["EA", "EW", "RRAB", "SR"]
 
 
+def test_few_shot_fractions_average_several_label_draws():
+    from fmb.evaluation.metrics import regression_scores
+
+    x, z, _ = planted(n=200)
+    folds = make_folds(len(x), 4, seed=0)
+    subsets = [folds.train_rows(0, 0.1, draw) for draw in range(3)]
+    assert [len(s) for s in subsets] == [15, 15, 15] and len({tuple(sorted(s)) for s in subsets}) == 3
+    # a draw is a property of the objects: on a subset of rows, the kept objects come in the same order
+    kept = np.flatnonzero(np.arange(200) % 5 != 0)
+    first = kept[folds.take(kept).train_rows(0, 0.1, 2)]
+    assert set(first) <= set(folds.train_rows(0, 0.2, 2))
+    per_draw = []
+    for draw in range(3):
+        pred = np.empty(len(z))
+        for fold in range(4):
+            test, train = np.flatnonzero(folds.fold == fold), folds.train_rows(fold, 0.1, draw)
+            pred[test] = fit_predict("linear", False, x[train], z[train], x[test])
+        per_draw.append(regression_scores(z, pred, True, replicates=0)["r2"].value)
+    (three,) = cross_validate(x, z, "redshift", folds, fractions=(0.1,), probes=("linear",), replicates=300, draws=3)
+    (one,) = cross_validate(x, z, "redshift", folds, fractions=(0.1,), probes=("linear",), replicates=300, draws=1)
+    assert three.metrics["r2"].value == pytest.approx(np.mean(per_draw)) and one.metrics["r2"].value == pytest.approx(per_draw[0])
+    assert three.metrics["r2"].low < np.mean(per_draw) < three.metrics["r2"].high
+
+
 def test_a_class_with_one_member_and_single_class_folds_are_handled(caplog):
     x, _, labels = planted(n=120)
     labels = labels.copy()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import pyarrow.parquet as pq
@@ -28,3 +31,30 @@ def test_generators_write_in_chunks_with_flat_memory(tmp_path, kind):
     if kind != "astroclip":
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "240").rglob("*.parquet"))
         assert rows == 240
+
+
+def peak_rss_mb(directory, n: int, **options) -> float:
+    """Peak resident set of a fresh process writing `n` euclid-desi objects with `options`: the whole
+    process (NumPy, Arrow buffers, the parquet writer: what tracemalloc misses), measured from outside."""
+    code = f"import sys; from fmb.data.synth import euclid_desi as e; e.write(sys.argv[1], {n}, 0, **{options!r})"
+    child = subprocess.Popen([sys.executable, "-c", code, str(directory / str(n))], env=os.environ.copy())
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss / 1024  # Linux: kilobytes
+
+
+def test_euclid_desi_resident_memory_stays_flat(tmp_path):
+    """4x the objects in chunks of 32, with anomalies planted, hardly raise the peak."""
+    options = {"image_size": 16, "chunk": 32, "anomalies": 0.2}
+    small, large = peak_rss_mb(tmp_path, 64, **options), peak_rss_mb(tmp_path, 256, **options)
+    assert large < 1.25 * small, (small, large)
+
+
+def test_euclid_desi_chunk_costs_a_few_times_its_data(tmp_path):
+    """A chunk's peak is a small multiple of the bytes it holds (columns built from NumPy buffers, line
+    profiles in blocks); Python lists of every value cost over 10x."""
+    options = {"image_size": 32, "chunk": 512}
+    base, full = peak_rss_mb(tmp_path, 8, **options), peak_rss_mb(tmp_path, 300, **options)
+    train_objects = 300 - 45  # one chunk: the train split
+    data_mb = train_objects * (4 * 32 * 32 + 3 * 7781) * 4 / 2**20  # four bands and flux, wavelength, error
+    assert full - base < 5 * data_mb, (base, full, data_mb)

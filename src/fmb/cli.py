@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -177,12 +177,15 @@ def data_synth(
     n: Annotated[int, typer.Option("-n", help="Number of objects.")] = 1000,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     missing: Annotated[str | None, typer.Option(help="Shares of missing data per modality, e.g. spectra=0.7,metadata=0.3.")] = None,
+    anomalies: Annotated[float | None, typer.Option(help="Share of objects with a planted anomaly (kind in truth_anomaly), e.g. 0.03.")] = None,
 ) -> None:
     """Write synthetic data in the exact schema of a real dataset (latent truth stored as columns)."""
     from fmb.data.synth import parse_missing
     from fmb.models import write_synthetic
 
-    options = {"missing": parse_missing(missing)} if missing else {}
+    options: dict[str, Any] = {"missing": parse_missing(missing)} if missing else {}
+    if anomalies is not None:
+        options["anomalies"] = anomalies
     path = write_synthetic(kind, out, n, seed, **options)
     typer.echo(f"wrote {n} objects of '{kind}' to {path}")
 
@@ -290,6 +293,7 @@ def evaluate(
     folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 5,
     k: Annotated[int, typer.Option(help="Neighbours of the kNN probe.")] = 64,
     fractions: Annotated[str, typer.Option(help="Label fractions for few-shot curves, comma-separated.")] = "0.01,0.1,1.0",
+    draws: Annotated[int, typer.Option(help="Label subsets drawn per fraction below 1 (figures averaged, intervals pooled).")] = 5,
     probes: Annotated[str, typer.Option(help="Probes, comma-separated: knn, linear, mlp.")] = "knn,linear,mlp",
     outlier: Annotated[float, typer.Option(help="Catastrophic redshift outlier: |dz|/(1+z) above this.")] = 0.15,
     plots: Annotated[bool, typer.Option("--plots", help="Also write figures to OUT/plots (needs the plots extra).")] = False,
@@ -307,7 +311,7 @@ def evaluate(
     table = read_catalog(catalog, id_column, mapping) if catalog else None
     rows = run_evaluate([str(p) for p in embeddings], target, [str(p) for p in baseline or []] or None, classify,
                         folds, k, tuple(float(f) for f in fractions.split(",")), tuple(probes.split(",")),
-                        plot_dir=out / "plots" if plots else None, catalog=table, threshold=outlier)
+                        plot_dir=out / "plots" if plots else None, catalog=table, threshold=outlier, draws=draws)
     csv_path, md_path = write_tables(rows, out)
     typer.echo(markdown_table(rows), nl=False)
     typer.echo(f"wrote {csv_path} and {md_path}" + (f" and figures in {out / 'plots'}" if plots else ""))
@@ -408,6 +412,68 @@ def slurm(
         if result.returncode != 0:
             raise ConfigError(f"sbatch {script} failed: {result.stderr.strip() or result.stdout.strip()}")
         typer.echo(result.stdout.strip())
+
+
+DataOpt = Annotated[str, typer.Option("--data", help="The data the embeddings came from (Euclid+DESI schema: RGB_image, bands, spectrum).")]
+
+
+@app.command()
+def show(
+    object_id: Annotated[str, typer.Argument(help="The object's object_id.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("object.png"),
+) -> None:
+    """One object: its RGB composite and band images, its spectrum with the main lines marked at its redshift."""
+    from fmb.evaluation import views
+
+    item = views.read_objects(data, [views.parse_id(object_id, views.id_dtype(data))])[0]
+    typer.echo(f"wrote {views.show_object(item, out)}")
+
+
+@app.command()
+def gallery(
+    table: Annotated[Path, typer.Argument(help="Ranked table with object_id and scores (parquet or CSV, e.g. from `fmb detect`).")],
+    data: DataOpt,
+    top: Annotated[int, typer.Option(help="How many of the table's first rows to show.")] = 24,
+    scores: Annotated[str | None, typer.Option(help="Columns to print under each object, comma-separated (default: the fused score first, 4 at most).")] = None,
+    columns: Annotated[int, typer.Option(help="Objects per row.")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("gallery.png"),
+) -> None:
+    """The first TOP objects of a ranked table: image, spectrum, scores and id of each."""
+    from fmb.errors import ConfigError
+    from fmb.evaluation import views
+
+    if top < 1:
+        raise ConfigError(f"--top must be at least 1, got {top}")
+    ids, values = views.read_scores(table, top, scores.split(",") if scores else None)
+    items = views.read_objects(data, ids)
+    texts = [[f"#{i + 1}", *views.score_lines(values, i)] for i in range(len(items))]
+    typer.echo(f"wrote {views.gallery(items, texts, out, f'{table.name}: first {len(items)}', columns)}")
+
+
+@app.command()
+def similar(
+    embeddings: Annotated[Path, typer.Argument(help="Embedding parquet file (from `fmb embed`).")],
+    object_id: Annotated[str, typer.Option("--id", help="The query's object_id.")],
+    data: DataOpt,
+    column: Annotated[str | None, typer.Option(help="Embedding column without its prefix, e.g. image (default: joint, else the first).")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours to show.")] = 8,
+    columns: Annotated[int, typer.Option(help="Objects per row.")] = 3,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("similar.png"),
+) -> None:
+    """Similarity search: the query and its K nearest neighbours (cosine) as a grid of images and spectra."""
+    from fmb.embeddings import load_embeddings
+    from fmb.errors import ConfigError
+    from fmb.evaluation import views
+
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
+    file = load_embeddings(embeddings)
+    used, ids, cosines = views.similar_objects(file, views.parse_id(object_id, file.ids), column, k)
+    items = views.read_objects(data, ids)
+    texts = [["query"]] + [[f"#{i}", f"cosine = {c:.3f}"] for i, c in enumerate(cosines[1:], 1)]
+    title = f"{embeddings.name} {used}: {ids[0]} and its {len(ids) - 1} nearest neighbours"
+    typer.echo(f"wrote {views.gallery(items, texts, out, title, columns, highlight=0)}")
 
 
 @app.command()

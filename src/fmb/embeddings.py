@@ -1,8 +1,8 @@
 """The one embedding-file schema every `fmb embed <model>` writes: its resumable writer and its reader.
 
-Columns: `object_id` (int64, or string for surveys with string ids), the targets the data has (redshift, label, ...), and one
-`embedding_<name>` column per modality (plus `embedding_joint` where a family has several):
-fixed-size lists of float32, null where that modality is absent for the object.
+Columns: `object_id` (int64, or string for surveys with string ids), the targets the data has (redshift, label,
+text truth such as `truth_anomaly`, null for normal objects, ...), and one `embedding_<name>` column per
+modality (plus `embedding_joint` where a family has several): fixed-size lists of float32, null where that modality is absent for the object.
 
 `embedding_table` makes rows in that schema; `EmbeddingParts` keeps one parquet part per finished
 chunk of rows under `<out>.parts/` (so an interrupted `fmb embed` continues) and joins them into
@@ -53,7 +53,10 @@ def embedding_table(object_id: Any, targets: dict[str, Any], embeddings: dict[st
     columns: dict[str, pa.Array] = {"object_id": pa.array(ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.tolist())}
     for name, values in targets.items():
         values = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
-        columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
+        if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+            columns[name] = pa.array([v or None for v in values], pa.string())  # text crosses the loader with "" for null
+        else:
+            columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
     for name, matrix in embeddings.items():
         matrix = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, np.float32)
         mask = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _mix64(values: np.ndarray) -> np.ndarray:
+def mix64(values: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: a well-spread hash of 64-bit integers."""
     z = values.astype(np.uint64)
     with np.errstate(over="ignore"):
@@ -20,5 +20,5 @@ def holdout_mask(ids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     of the object id, so membership never changes when rows are added or reordered."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
-    hashed = _mix64(np.asarray(ids, dtype=np.int64).view(np.uint64) ^ np.uint64(seed))
+    hashed = mix64(np.asarray(ids, dtype=np.int64).view(np.uint64) ^ np.uint64(seed))
     return (hashed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction

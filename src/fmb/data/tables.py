@@ -90,12 +90,17 @@ def resolve_files(path: str | Path, split: str | None) -> list[Path]:
     return files
 
 
-def column_names(path: str | Path, split: str | None = None) -> list[str]:
-    """The columns of a dataset (from its first file's schema; of a `save_to_disk` DatasetDict without
-    `split`, its first split's), without reading any rows."""
+def data_schema(path: str | Path, split: str | None = None) -> pa.Schema:
+    """The schema of a dataset (its first file's; of a `save_to_disk` DatasetDict without `split`, its
+    first split's), without reading any rows."""
     if split is None and (Path(path) / "dataset_dict.json").is_file():
         split = next(iter(available_splits(Path(path))), None)
-    return _inspect(resolve_files(path, split)[0])[0].names
+    return _inspect(resolve_files(path, split)[0])[0]
+
+
+def column_names(path: str | Path, split: str | None = None) -> list[str]:
+    """The columns of a dataset (from `data_schema`), without reading any rows."""
+    return data_schema(path, split).names
 
 
 def _split_of(file: Path) -> str:

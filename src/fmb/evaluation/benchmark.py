@@ -38,13 +38,14 @@ from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddin
 from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.evaluation.catalog import SENTINELS, join, read_catalog
 from fmb.evaluation.metrics import OUTLIER_THRESHOLD, is_redshift
-from fmb.evaluation.probes import PROBES, Folds, make_folds
+from fmb.evaluation.probes import FEW_SHOT_DRAWS, PROBES, Folds, make_folds
 from fmb.evaluation.run import (
     FIELDS,
     Task,
     evaluate_task,
     interval,
     is_classification,
+    zero_shot_rows,
 )
 
 log = logging.getLogger("fmb")
@@ -109,6 +110,7 @@ class Suite:
     folds: int = 5
     k: int = 64  # kNN probe neighbours
     bootstrap: int = 1000
+    draws: int = FEW_SHOT_DRAWS  # label subsets per few-shot fraction (below 1)
     outlier_threshold: float = OUTLIER_THRESHOLD
     similarity_k: int = 10
     plots: bool = True
@@ -152,6 +154,8 @@ def load_suite(path: Path, work: Path, out: Path) -> Suite:
         suite.catalog.path = str(_resolve(root, suite.catalog.path))
     if suite.thumbnails:
         suite.thumbnails = str(_resolve(root, suite.thumbnails))
+    if suite.draws < 1:
+        raise ConfigError(f"{path}: draws: {suite.draws}; at least one label draw per few-shot fraction")
     for method in suite.projections:
         if method not in ("umap", "pca"):
             raise ConfigError(f"{path}: projections: '{method}' is not one of umap, pca")
@@ -347,7 +351,10 @@ def run_benchmark(suite_path: Path, out: Path, work: Path | None = None, command
         model_rows, base_rows = model.take(np.flatnonzero(scored)), base.take(np.flatnonzero(scored)) if base else None
         for task in tasks:
             rows += evaluate_task(model_rows, base_rows, task, split.take(scored), suite.folds, suite.k, suite.seed,
-                                  suite.bootstrap, bar, columns=spec.columns or None, collect=predictions)
+                                  suite.bootstrap, bar, columns=spec.columns or None, collect=predictions,
+                                  draws=suite.draws)
+            if not task.classify:  # a model's own predictions of the target (AION's aion_redshift)
+                rows += zero_shot_rows(model_rows, base_rows, task, suite.bootstrap, suite.seed)
     bar.close()
     board = leaderboard(rows, tasks)
 
@@ -380,7 +387,7 @@ def leaderboard(rows: list[dict], tasks: list[Task]) -> list[dict]:
         full = max(task.fractions)
         candidates: dict[tuple[str, str], dict] = {}
         for r in rows:
-            if r["target"] != task.target or r["metric"] != task.rank_by or r["labels"] != full or r["probe"] == "zero-shot":
+            if r["target"] != task.target or r["metric"] != task.rank_by or (r["labels"] != full and r["probe"] != "zero-shot"):
                 continue
             key = (r["model"], r["embedding"])
             best = candidates.get(key)
@@ -419,7 +426,13 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
     return path
 
 
-def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task], units: dict[str, str]) -> str:
+def few_shot_note(draws: int) -> str:
+    return (f"below 100% of the labels, the mean of {draws} label draws with their replicates pooled (which objects are "
+            "scored and which are labelled both vary); zero-shot: a model's own prediction column, no labels used.")
+
+
+def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task], units: dict[str, str],
+                         draws: int = FEW_SHOT_DRAWS) -> str:
     """Per task: the ranked table (every probe and label fraction of the ranking metric), then ranks per model."""
     parts = []
     for task in tasks:
@@ -429,7 +442,9 @@ def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task],
         unit = f" [{units[task.target]}]" if task.target in units else ""
         better = "lower is better" if task.rank_by in LOWER_IS_BETTER else "higher is better"
         columns = [(p, f) for f in task.fractions for p in task.probes]
-        header = " | ".join(f"{p} {f:.0%}" for p, f in columns)
+        if any(e["probe"] == "zero-shot" for e in entries):  # a model's own predictions, no labels
+            columns.append(("zero-shot", 0.0))
+        header = " | ".join(p if p == "zero-shot" else f"{p} {f:.0%}" for p, f in columns)
         parts += [f"### {task.target}{unit} ({task.kind}; {task.rank_by}, {better})", "",
                   f"| rank | model | embedding | {header} | random init (best probe, {max(task.fractions):.0%}) | n |",
                   "|---" * (len(columns) + 5) + "|"]
@@ -454,7 +469,7 @@ def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task],
             cells.append(f"{models_ranked.index(model) + 1} ({mine[0]['value']:.3f} {mine[0]['embedding']})" if mine else "")
         parts.append(f"| {model} | " + " | ".join(cells) + " |")
     parts += ["", "`=`: the 95% interval overlaps the leader's (not a significant difference). Intervals: "
-              "bootstrap over the scored objects of the out-of-fold predictions."]
+              f"bootstrap over the scored objects of the out-of-fold predictions; {few_shot_note(draws)}"]
     return "\n".join(parts) + "\n"
 
 
@@ -467,7 +482,7 @@ def write_report(out: Path, suite: Suite, rows: list[dict], board: list[dict], m
     """results.csv, leaderboard.csv / .md, similarity.csv / .md, the figures and report.html."""
     from fmb.evaluation.similarity import markdown as similarity_markdown
 
-    board_md = leaderboard_markdown(board, rows, tasks, units)
+    board_md = leaderboard_markdown(board, rows, tasks, units, suite.draws)
     similarity_md = similarity_markdown(matrix)
     header = f"Suite `{suite.name}` (seed {suite.seed}, {suite.folds} folds frozen in split.csv):\n\n```bash\n{command}\n```\n\n"
     (out / "leaderboard.md").write_text(header + board_md)
@@ -507,7 +522,10 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
                             "embedding and probe; shaded: 95% interval; dashed: random init", path))
         for r in picked:
             del r["line"]
-        leader = leaders[0]
+        probed = [e for e in leaders if e["probe"] != "zero-shot"]  # figures of the best probe trained on labels
+        if not probed:
+            continue
+        leader = probed[0]
         y, results = predictions[(leader["model"], leader["embedding"], task.target)]
         result = next(r for r in results if r.probe == leader["probe"] and r.fraction == leader["labels"])
         name = f"{leader['model']} {leader['embedding']} ({leader['probe']})"
@@ -533,7 +551,7 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
                 grid = _thumbnails(suite.thumbnails, model.ids[present][rows_drawn], xy)
                 if grid:
                     path = plots.thumbnail_grid(grid, f"{model.name} {column}: UMAP", plot_dir / f"{model.name}__{column}__thumbnails.png")
-                    figures.append(("projections", f"{model.name} {column}: images at their UMAP positions", path))
+                    figures.append(("projections", f"{model.name} {column}: images at their UMAP positions (the central half of each cutout)", path))
     if len(matrix.names) > 1:
         path = plots.similarity_matrices(matrix.names, matrix.cka, matrix.mutual_knn, plot_dir / "similarity.png")
         figures.append(("similarity", f"linear CKA and mutual kNN (k = {matrix.k}) between every pair of embeddings", path))
@@ -554,7 +572,10 @@ def _thumbnails(data: str, ids: np.ndarray, xy: np.ndarray, cells: int = 16) -> 
         data_bytes = image.get("bytes") if isinstance(image, dict) else image  # Euclid+DESI: {bytes, path}
         if data_bytes:
             try:
-                grid[cell] = decode_image(data_bytes)
+                image = decode_image(data_bytes)
+                height, width = image.shape[:2]
+                # the central half: cutouts are mostly sky, and a cell is a few dozen pixels wide
+                grid[cell] = image[height // 4: height - height // 4, width // 4: width - width // 4]
             except DataError as exc:
                 log.info(f"{data}: a thumbnail is not drawn: {exc}")
     return grid
@@ -570,17 +591,21 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
         cells = "".join(f"<th>{escape(h)}</th>" for h in head)
         lines = "".join("<tr>" + "".join(f"<td{' class=num' if i >= numeric_from and numeric_from else ''}>{escape(c)}</td>"
                                          for i, c in enumerate(r)) + "</tr>" for r in body)
-        return f"<table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table>"
+        return f"<div class=wide><table><thead><tr>{cells}</tr></thead><tbody>{lines}</tbody></table></div>"
+
+    def figure(caption: str, png: bytes) -> str:
+        # as wide as the PNG (its header's width), so the caption wraps under it and figures sit side by side
+        width = int.from_bytes(png[16:20], "big")
+        return (f'<figure style="width:{width}px"><img alt="{escape(caption)}" src="data:image/png;base64,'
+                f'{base64.b64encode(png).decode()}"><figcaption>{escape(caption)}</figcaption></figure>')
 
     def images(section: str) -> str:
-        return "".join(f'<figure><img alt="{escape(caption)}" src="data:image/png;base64,'
-                       f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{escape(caption)}</figcaption></figure>'
-                       for where, caption, path in figures if where == section)
+        return "".join(figure(caption, path.read_bytes()) for where, caption, path in figures if where == section)
 
     parts = [f"<h1>fmb benchmark: {escape(suite.name)}</h1>",
              f"<p>{len(models[0].ids)} objects shared by {len(models)} models; seed {suite.seed}; {suite.folds} folds frozen "
-             f"in <code>split.csv</code>; 95% bootstrap intervals ({suite.bootstrap} replicates) in brackets; "
-             "<b>=</b> marks an interval overlapping the leader's.</p>",
+             f"in <code>split.csv</code>; 95% bootstrap intervals ({suite.bootstrap} replicates) in brackets, "
+             f"{escape(few_shot_note(suite.draws))} <b>=</b> marks an interval overlapping the leader's.</p>",
              f"<pre><code>{escape(command)}</code></pre>", "<h2>Leaderboard</h2>"]
     for task in tasks:
         entries = [e for e in board if e["task"] == task.target]
@@ -593,7 +618,7 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
                  str(e["n"])] for e in entries]
         parts.append(table(["rank", "model", "embedding", "best probe", f"{task.rank_by} (all labels)",
                             "random init", "n"], body, 4))
-        others = [r for r in rows if r["target"] == task.target and r["labels"] == max(task.fractions)
+        others = [r for r in rows if r["target"] == task.target and r["labels"] in (max(task.fractions), 0.0)
                   and r["metric"] != task.rank_by and any(e["model"] == r["model"] and e["embedding"] == r["embedding"]
                                                           and e["probe"] == r["probe"] and e["model_best"] for e in entries)]
         if others:
@@ -630,10 +655,12 @@ def report_html(suite: Suite, command: str, board: list[dict], rows: list[dict],
     parts.append(f"<details><summary>Every figure ({len(rows)} rows, also in results.csv)</summary>"
                  + table(["model", "embedding", "target", "probe", "labels", "metric", "value", "random init", "n"], full, 6)
                  + "</details>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+    style = ("body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:3px 7px}"
-             "th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}"
-             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:560px}figure img{max-width:100%}"
+             "th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
+             ".wide{overflow-x:auto}"  # a table wider than the page (many embeddings) scrolls, the page does not
+             # figures at their own size (100 dpi), shrunk only to the page width: matrix labels stay legible
+             ".figs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:100%}figure img{width:100%}"
              "figcaption{font-size:0.8em;color:#555}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>fmb benchmark {escape(suite.name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")

@@ -111,9 +111,12 @@ CLASS_METRICS = {"accuracy": _accuracy, "macro_f1": _macro_f1}
 # ----------------------------------------------------------------------------- with intervals
 
 
-def regression_scores(y: np.ndarray, pred: np.ndarray, redshift: bool, threshold: float = OUTLIER_THRESHOLD,
-                      replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> dict[str, Estimate]:
-    """Every regression figure of `pred` against `y` with its 95% bootstrap interval."""
+Samples = dict[str, tuple[float, np.ndarray]]  # metric -> (the figure, its bootstrap replicates)
+
+
+def regression_samples(y: np.ndarray, pred: np.ndarray, redshift: bool, threshold: float = OUTLIER_THRESHOLD,
+                       replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> Samples:
+    """Every regression figure of `pred` against `y` and its bootstrap replicates."""
     y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
     metrics = regression_metrics(redshift, threshold)
     samples: dict[str, list[np.ndarray]] = {name: [] for name in metrics}
@@ -121,12 +124,18 @@ def regression_scores(y: np.ndarray, pred: np.ndarray, redshift: bool, threshold
         y_b, p_b = y[rows], pred[rows]
         for name, fn in metrics.items():
             samples[name].append(fn(y_b, p_b))
-    return {name: _estimate(float(fn(y, pred)), samples[name]) for name, fn in metrics.items()}
+    return {name: (float(fn(y, pred)), _joined(samples[name])) for name, fn in metrics.items()}
 
 
-def class_scores(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
-                 ) -> tuple[dict[str, Estimate], np.ndarray, np.ndarray]:
-    """(accuracy and macro-F1 with 95% bootstrap intervals, confusion matrix, its class labels)."""
+def regression_scores(y: np.ndarray, pred: np.ndarray, redshift: bool, threshold: float = OUTLIER_THRESHOLD,
+                      replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> dict[str, Estimate]:
+    """Every regression figure of `pred` against `y` with its 95% bootstrap interval."""
+    return estimates([regression_samples(y, pred, redshift, threshold, replicates, seed)])
+
+
+def class_samples(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+                  ) -> tuple[Samples, np.ndarray, np.ndarray]:
+    """(accuracy and macro-F1 with their bootstrap replicates, confusion matrix, its class labels)."""
     labels, codes = np.unique(np.concatenate([np.asarray(y), np.asarray(pred)]), return_inverse=True)
     y_code, p_code = codes[: len(y)], codes[len(y):]
     confusion = confusion_matrices(y_code, p_code, len(labels))
@@ -135,8 +144,21 @@ def class_scores(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_RE
         conf_b = confusion_matrices(y_code[rows], p_code[rows], len(labels))
         for name, fn in CLASS_METRICS.items():
             samples[name].append(fn(conf_b))
-    scores = {name: _estimate(float(fn(confusion)), samples[name]) for name, fn in CLASS_METRICS.items()}
-    return scores, confusion, labels
+    return {name: (float(fn(confusion)), _joined(samples[name])) for name, fn in CLASS_METRICS.items()}, confusion, labels
+
+
+def class_scores(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
+                 ) -> tuple[dict[str, Estimate], np.ndarray, np.ndarray]:
+    """(accuracy and macro-F1 with 95% bootstrap intervals, confusion matrix, its class labels)."""
+    samples, confusion, labels = class_samples(y, pred, replicates, seed)
+    return estimates([samples]), confusion, labels
+
+
+def estimates(draws: list[Samples]) -> dict[str, Estimate]:
+    """Per metric, the mean of the draws' figures with the 95% percentile interval of their bootstrap
+    replicates pooled: with several label draws (few-shot) the interval covers both which objects
+    were scored and which were labelled."""
+    return {name: _estimate(float(np.mean([d[name][0] for d in draws])), [d[name][1] for d in draws]) for name in draws[0]}
 
 
 def mean_interval(values: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0) -> Estimate:
@@ -153,8 +175,13 @@ def _replicate_rows(n: int, replicates: int, seed: int):
         yield rng.integers(0, n, size=(min(REPLICATES_PER_CHUNK, replicates - start), n))
 
 
+def _joined(samples: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(samples) if samples else np.empty(0)
+
+
 def _estimate(value: float, samples: list[np.ndarray]) -> Estimate:
-    values = np.concatenate(samples) if samples else np.array([value])
+    values = _joined(samples)
+    values = values if len(values) else np.array([value])  # no replicates asked for
     values = values[np.isfinite(values)]
     if len(values) == 0:
         return Estimate(value, float("nan"), float("nan"))

@@ -116,6 +116,8 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(y, pred, s=5, alpha=0.6)
     low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    margin = 0.03 * (high - low)  # the extreme points whole, not cut by the frame
+    low, high = low - margin, high + margin
     line = np.linspace(low, high, 50)
     ax.plot(line, line, color="black", linewidth=0.8, label="1:1")
     if outlier is not None:
@@ -129,11 +131,15 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
 
 def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "probe") -> Path:
     """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
-    95% interval; the random-init baseline dashed."""
+    95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for name in sorted({r[key] for r in rows}):
         mine = sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
+        if mine and all(r["labels"] == 0 for r in mine):
+            ax.axhline(mine[0]["value"], linestyle=":", color="grey", label=f"{name} (zero-shot)")
+            continue
+        mine = [r for r in mine if r["labels"] > 0]
         if not mine:
             continue
         fractions = [r["labels"] for r in mine]

@@ -16,12 +16,20 @@ from typing import Any
 
 import numpy as np
 
+from fmb.data.splits import mix64
 from fmb.errors import ConfigError
-from fmb.evaluation.metrics import OUTLIER_THRESHOLD, Estimate, class_scores, regression_scores
+from fmb.evaluation.metrics import (
+    OUTLIER_THRESHOLD,
+    Estimate,
+    class_samples,
+    estimates,
+    regression_samples,
+)
 
 log = logging.getLogger("fmb")
 
 PROBES = ("knn", "linear", "mlp")
+FEW_SHOT_DRAWS = 5  # label subsets drawn per fraction below 1: few labels make one draw a lottery
 SINGLE_THREAD_BELOW = 20_000_000  # embedding values (objects x width)
 
 
@@ -36,7 +44,9 @@ def sklearn() -> Any:
 
 @dataclass
 class Folds:
-    """Fold of every row, and a random rank used to pick few-shot label subsets."""
+    """Fold of every row, and a random rank used to pick few-shot label subsets (draw 0 takes the
+    lowest ranks; draw d > 0 orders the rows by a hash of (rank, d), so a draw is a property of the
+    objects and every model of a benchmark gets the same labelled rows)."""
 
     fold: np.ndarray  # (n,) int in [0, folds)
     rank: np.ndarray  # (n,) a permutation of 0..n-1
@@ -48,13 +58,14 @@ class Folds:
     def count(self) -> int:
         return int(self.fold.max()) + 1
 
-    def train_rows(self, fold: int, fraction: float) -> np.ndarray:
-        """The rows outside `fold`, or the `fraction` of them (at least 2) with the lowest rank."""
+    def train_rows(self, fold: int, fraction: float, draw: int = 0) -> np.ndarray:
+        """The rows outside `fold`, or the `fraction` of them (at least 2) first in the order of `draw`."""
         train = np.flatnonzero(self.fold != fold)
         if fraction >= 1.0:
             return train
         count = min(len(train), max(2, int(round(len(train) * fraction))))
-        return train[np.argsort(self.rank[train], kind="stable")[:count]]
+        order = self.rank[train] if draw == 0 else mix64(self.rank[train].astype(np.uint64) + (np.uint64(draw) << np.uint64(32)))
+        return train[np.argsort(order, kind="stable")[:count]]
 
 
 def make_folds(n: int, folds: int, seed: int, classes: np.ndarray | None = None) -> Folds:
@@ -137,12 +148,16 @@ class ProbeResult:
 def cross_validate(x: np.ndarray, y: np.ndarray, kind: str, folds: Folds,
                    fractions: tuple[float, ...] = (0.01, 0.1, 1.0), k: int = 64, seed: int = 0,
                    probes: tuple[str, ...] = PROBES, threshold: float = OUTLIER_THRESHOLD,
-                   replicates: int = 1000, progress: Any = None) -> list[ProbeResult]:
-    """Out-of-fold predictions of every probe at every label fraction, scored once over all rows.
-    `kind`: redshift (photo-z figures), regression or classification."""
+                   replicates: int = 1000, progress: Any = None, draws: int = FEW_SHOT_DRAWS) -> list[ProbeResult]:
+    """Out-of-fold predictions of every probe at every label fraction, scored over all rows.
+    `kind`: redshift (photo-z figures), regression or classification. A fraction below 1 is run for
+    `draws` label subsets: its figures are their mean, its intervals pool their bootstrap replicates
+    (`replicates` in all, so scoring costs the same), its predictions are draw 0's."""
     sklearn()
     from threadpoolctl import threadpool_limits
 
+    if draws < 1:
+        raise ConfigError(f"draws = {draws}: a few-shot fraction needs at least one label draw")
     classify = kind == "classification"
     x = np.asarray(x, np.float32)
     results = []
@@ -151,24 +166,31 @@ def cross_validate(x: np.ndarray, y: np.ndarray, kind: str, folds: Folds,
     with threadpool_limits(1 if x.size < SINGLE_THREAD_BELOW else None):
         for fraction in fractions:
             for probe in probes:
-                pred = np.empty(len(y), dtype=y.dtype if classify else np.float64)
-                for fold in range(folds.count):
-                    test = np.flatnonzero(folds.fold == fold)
-                    if len(test):
-                        train = folds.train_rows(fold, fraction)
-                        pred[test] = fit_predict(probe, classify, x[train], y[train], x[test], k, seed)
-                results.append(score(y, pred, kind, probe, fraction, threshold, replicates, seed))
+                predictions = []
+                for draw in range(1 if fraction >= 1.0 else draws):
+                    pred = np.empty(len(y), dtype=y.dtype if classify else np.float64)
+                    for fold in range(folds.count):
+                        test = np.flatnonzero(folds.fold == fold)
+                        if len(test):
+                            train = folds.train_rows(fold, fraction, draw)
+                            pred[test] = fit_predict(probe, classify, x[train], y[train], x[test], k, seed)
+                    predictions.append(pred)
+                results.append(score(y, predictions, kind, probe, fraction, threshold, replicates, seed))
                 if progress is not None:
                     progress.update(1)
     return results
 
 
-def score(y: np.ndarray, pred: np.ndarray, kind: str, probe: str, fraction: float,
+def score(y: np.ndarray, predictions: list[np.ndarray], kind: str, probe: str, fraction: float,
           threshold: float = OUTLIER_THRESHOLD, replicates: int = 1000, seed: int = 0) -> ProbeResult:
+    """The figures of one or several draws' predictions (draw d bootstrapped with seed + d)."""
+    share = -(-replicates // len(predictions))
     if kind == "classification":
-        metrics, confusion, classes = class_scores(y, pred, replicates, seed)
-        return ProbeResult(probe, fraction, metrics, pred, confusion, classes)
-    return ProbeResult(probe, fraction, regression_scores(y, pred, kind == "redshift", threshold, replicates, seed), pred)
+        draws = [class_samples(y, pred, share, seed + d) for d, pred in enumerate(predictions)]
+        _, confusion, classes = draws[0]
+        return ProbeResult(probe, fraction, estimates([d[0] for d in draws]), predictions[0], confusion, classes)
+    draws = [regression_samples(y, pred, kind == "redshift", threshold, share, seed + d) for d, pred in enumerate(predictions)]
+    return ProbeResult(probe, fraction, estimates(draws), predictions[0])
 
 
 def retrieval_ranks(a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:

@@ -35,6 +35,7 @@ from fmb.evaluation.metrics import (
     regression_scores,
 )
 from fmb.evaluation.probes import (
+    FEW_SHOT_DRAWS,
     PROBES,
     Folds,
     ProbeResult,
@@ -82,9 +83,10 @@ def load_aligned(paths: list[str], baselines: list[str] | None = None, catalog: 
 def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None = None, classify: list[str] | None = None,
              folds: int = 5, k: int = 64, fractions: tuple[float, ...] = (0.01, 0.1, 1.0),
              probes: tuple[str, ...] = PROBES, seed: int = 0, plot_dir: Path | None = None,
-             catalog: Catalog | None = None, threshold: float = OUTLIER_THRESHOLD, replicates: int = 1000) -> list[dict]:
+             catalog: Catalog | None = None, threshold: float = OUTLIER_THRESHOLD, replicates: int = 1000,
+             draws: int = FEW_SHOT_DRAWS) -> list[dict]:
     """One row per (model, embedding, target, probe, label fraction, metric), plus zero-shot and retrieval rows.
-    With `plot_dir`, figures too (see fmb.evaluation.plots)."""
+    Fractions below 1 average `draws` label subsets. With `plot_dir`, figures too (see fmb.evaluation.plots)."""
     models, bases = load_aligned(paths, baselines, catalog)
     for model in models:
         for target in targets:
@@ -98,9 +100,9 @@ def evaluate(paths: list[str], targets: list[str], baselines: list[str] | None =
         for target in targets:
             task = Task(target, "classification" if target in (classify or []) or is_classification(model.targets[target])
                         else "redshift" if is_redshift(target) else "regression", probes, fractions, threshold)
-            rows += evaluate_task(model, base, task, None, folds, k, seed, replicates, bar, plot_dir)
+            rows += evaluate_task(model, base, task, None, folds, k, seed, replicates, bar, plot_dir, draws=draws)
             if task.kind != "classification":
-                rows += _zero_shot_rows(model, base, task, replicates, seed)
+                rows += zero_shot_rows(model, base, task, replicates, seed)
         rows += _retrieval_rows(model, base, plot_dir, replicates, seed)
     bar.close()
     return rows
@@ -125,7 +127,7 @@ class Task:
 
 def evaluate_task(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, frozen: Folds | None, folds: int,
                   k: int, seed: int, replicates: int, bar: tqdm | None = None, plot_dir: Path | None = None,
-                  columns: list[str] | None = None, collect: dict | None = None) -> list[dict]:
+                  columns: list[str] | None = None, collect: dict | None = None, draws: int = FEW_SHOT_DRAWS) -> list[dict]:
     """Every probe of `task` on every embedding column of `model` (and of its baseline, on the same rows).
     `frozen`: fold of each row of `model` (fmb benchmark); None: folds drawn here. `collect` receives
     (model, column, target) -> (truth, probe results), for figures drawn later."""
@@ -148,7 +150,7 @@ def evaluate_task(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, 
         split = frozen.take(keep) if frozen is not None else make_folds(int(keep.sum()), folds, seed,
                                                                          y if task.classify else None)
         options = dict(fractions=task.fractions, k=k, seed=seed, probes=task.probes, threshold=task.threshold,
-                       replicates=replicates, progress=bar)
+                       replicates=replicates, progress=bar, draws=draws)
         results = cross_validate(x_all[keep], y, task.kind, split, **options)
         base_results = (cross_validate(base.embeddings[column][keep], y, task.kind, split, **options) if base is not None else [None] * len(results))
         added = [_row(model.name, column, task.target, res.probe, res.fraction, metric, value,
@@ -181,7 +183,7 @@ def _row(model: str, embedding: str, target: str, probe: str, labels: float, met
             "baseline_high": baseline.high if baseline else None, "n": n, "excluded": excluded}
 
 
-def _zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, replicates: int, seed: int) -> list[dict]:
+def zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, replicates: int, seed: int) -> list[dict]:
     """A model's own predictions of the target (float columns `<name>_<target>`, e.g. `aion_redshift` from
     `fmb embed aion`) scored against it directly: probe "zero-shot", no labels used."""
     rows = []

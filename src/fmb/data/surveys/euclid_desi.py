@@ -29,6 +29,8 @@ log = logging.getLogger("fmb")
 
 DESI_PIXELS = 7781
 DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid (Angstrom)
+# truth columns holding text: the kind of a planted anomaly of synthetic data, null for normal objects
+TEXT_TRUTH_COLUMNS = ("truth_anomaly",)
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
 # What `rgb_array` and `desi_flux` read, as TableSource columns: the struct fields they use and no
 # more (the RGB path, and the spectrum's error array, which only AION's inverse variance needs).
@@ -122,11 +124,13 @@ def embedding_splits(data: str | None, split: str | None, columns: list[str], cf
     return [(name, rows) for name, rows in selected if len(rows)]
 
 
-def scalar_values(row: dict, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Scalar columns of a row as tensors (NaN for nulls), for carrying targets through a loader."""
+def scalar_values(row: dict, names: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor | str]:
+    """Scalar columns of a row as tensors (NaN for nulls), for carrying targets through a loader; the
+    text truth columns (TEXT_TRUTH_COLUMNS) as strings, "" for null (batches of them collate to lists)."""
     import torch
 
-    return {name: torch.tensor(float("nan") if row[name] is None else row[name]) for name in names}
+    return {name: (row[name] or "") if name in TEXT_TRUTH_COLUMNS else torch.tensor(float("nan") if row[name] is None else row[name])
+            for name in names}
 
 
 def _split_name(path: str, split: str) -> str | None:

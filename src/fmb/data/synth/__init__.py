@@ -44,6 +44,7 @@ def write_parquet(path: Path, tables: Iterable[pa.Table], schema: pa.Schema | No
                 schema = table.schema
                 writer = pq.ParquetWriter(tmp, schema)
             writer.write_table(table.cast(schema), row_group_size=row_group_size)
+            del table  # not alive while the next one is made
     finally:
         if writer is not None:
             writer.close()

@@ -41,6 +41,10 @@ BANDS = {
 }
 
 EARLY, LATE = 0, 1
+SED_BLOCK = 16  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
+# relative DESI noise along the grid: higher at the red end (sky lines)
+DESI_SKY = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
+IMAGE_BLOCK = 128  # objects per block when drawing profiles
 
 
 @dataclass
@@ -61,6 +65,10 @@ class Galaxies:
 
     def __len__(self) -> int:
         return len(self.redshift)
+
+    def take(self, rows: np.ndarray | slice) -> Galaxies:
+        """The galaxies at `rows` (indices, a mask or a slice)."""
+        return Galaxies(**{name: value[rows] for name, value in vars(self).items()})
 
 
 def sample_galaxies(n: int, rng: np.random.Generator) -> Galaxies:
@@ -123,11 +131,28 @@ def band_fluxes(g: Galaxies, bands: list[str], samples: int = 64) -> dict[str, n
 
 
 def desi_spectra(g: Galaxies, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(flux, error) on the DESI grid, (n, 7781) float32 each. Noise grows at the red end (sky)."""
-    flux = observed_sed(g, DESI_WAVELENGTH)
-    sky = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
-    error = 0.25 * sky[None, :] * rng.uniform(0.7, 1.3, (len(g), 1))
-    noisy = flux + error * rng.standard_normal(flux.shape)
+    """(flux, error) on the DESI grid, (n, 7781) float32 each, with `desi_noise`'s noise."""
+    depth = rng.uniform(0.7, 1.3, (len(g), 1))  # drawn for every object before the pixel noise
+    flux = np.empty((len(g), len(DESI_WAVELENGTH)), np.float32)
+    error = np.empty_like(flux)
+    # a block of objects at a time: the line profiles are (objects, pixels, lines) float64 temporaries
+    for first in range(0, len(g), SED_BLOCK):
+        block = slice(first, first + SED_BLOCK)
+        flux[block], error[block] = _noisy(observed_sed(g.take(block), DESI_WAVELENGTH), depth[block], rng)
+    return flux, error
+
+
+def desi_noise(flux: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy flux, error) float32 from noise-free (n, 7781) `flux`: the DESI noise level, higher at
+    the red end (sky), times a per-object depth factor."""
+    return _noisy(flux, rng.uniform(0.7, 1.3, (len(flux), 1)), rng)
+
+
+def _noisy(flux: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    error = 0.25 * DESI_SKY[None, :] * depth
+    noisy = rng.standard_normal(flux.shape)
+    noisy *= error  # in place: flux + error x noise without more (n, 7781) float64 temporaries
+    noisy += flux
     return noisy.astype(np.float32), error.astype(np.float32)
 
 
@@ -139,10 +164,23 @@ def angular_half_light_pixels(g: Galaxies, pixel_scale_arcsec: float) -> np.ndar
     return np.clip(arcsec / pixel_scale_arcsec, 1.0, None)
 
 
-def sersic_images(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float) -> np.ndarray:
-    """Unit-flux profiles (n, size, size): elliptical Sersic, two-armed for late types, PSF-blurred."""
+def sersic_images(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float,
+                  offset: np.ndarray | None = None) -> np.ndarray:
+    """Unit-flux profiles (n, size, size): elliptical Sersic, two-armed for late types, PSF-blurred;
+    centred, or `offset` (n, 2) pixels (dy, dx) away from the centre."""
+    out = np.empty((len(g), size, size))
+    for first in range(0, len(g), IMAGE_BLOCK):  # a block at a time: each profile takes ~10 temporaries
+        block = slice(first, first + IMAGE_BLOCK)
+        out[block] = _sersic(g.take(block), size, radius_px[block], psf_sigma_px,
+                             None if offset is None else offset[block])
+    return out
+
+
+def _sersic(g: Galaxies, size: int, radius_px: np.ndarray, psf_sigma_px: float, offset: np.ndarray | None) -> np.ndarray:
     coords = np.arange(size) - (size - 1) / 2.0
     yy, xx = np.meshgrid(coords, coords, indexing="ij")
+    if offset is not None:
+        yy, xx = yy - offset[:, 0, None, None], xx - offset[:, 1, None, None]
     cos, sin = np.cos(g.position_angle)[:, None, None], np.sin(g.position_angle)[:, None, None]
     major = xx * cos + yy * sin
     minor = (-xx * sin + yy * cos) / g.axis_ratio[:, None, None]
@@ -171,6 +209,14 @@ def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def asinh_rgb(red: np.ndarray, green: np.ndarray, blue: np.ndarray, q: float = 8.0) -> np.ndarray:
     """Lupton-style asinh colour composite of (n, h, w) planes -> (n, h, w, 3) uint8."""
+    out = np.empty((*red.shape, 3), np.uint8)
+    for first in range(0, len(red), IMAGE_BLOCK):  # a block at a time: float temporaries of 3 planes
+        block = slice(first, first + IMAGE_BLOCK)
+        out[block] = _asinh_rgb(red[block], green[block], blue[block], q)
+    return out
+
+
+def _asinh_rgb(red: np.ndarray, green: np.ndarray, blue: np.ndarray, q: float) -> np.ndarray:
     stack = np.clip(np.stack([red, green, blue], axis=-1), 0.0, None)  # sky noise can be negative
     scale = np.percentile(stack.sum(-1), 99.5, axis=(1, 2))[:, None, None, None] + 1e-12
     total = stack.sum(-1, keepdims=True) / scale

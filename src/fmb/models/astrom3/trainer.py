@@ -203,7 +203,8 @@ class AstroM3Trainer(BaseTrainer):
                     sums[name] = value.double() * count
                     sums[f"n_{name}"] = count
             return StepOutput(loss=loss, components=components, n_samples=len(present)), sums
-        columns = [ENCODERS.index(m) for m in model.modalities]
+        # From the config, not the model: under DDP the model is a wrapper without `modalities`.
+        columns = [ENCODERS.index(m) for m in MODALITIES[self.config.model.mode]]
         labels = batch["label"]
         usable = present[:, columns].any(1) & (labels >= 0)
         logits = out["logits"].float()
