@@ -54,7 +54,8 @@ def summarize(out: Path, mode: str) -> dict[str, Any]:
 
     environment = {"mode": mode, "python": platform.python_version(), "torch": torch.__version__,
                    "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    return {"environment": environment, "all_passed": all(s["exit_code"] == 0 for s in steps), "steps": steps,
+    return {"environment": environment, "all_passed": all(s["exit_code"] == 0 for s in steps),
+            "total_seconds": round(sum(s["seconds"] for s in steps), 1), "steps": steps,
             "bench": {k: v for k, v in bench.items() if v},
             "loader": {k: loader.get(k) for k in ("samples_per_s", "samples_per_cpu_s", "image_size", "batch")},
             "not_run": ["compile-astropt (CPU mode: inductor compilation alone takes minutes on CPU)"] if mode != "gpu" else []}
@@ -63,7 +64,8 @@ def summarize(out: Path, mode: str) -> dict[str, Any]:
 def markdown(summary: dict[str, Any]) -> str:
     env = summary["environment"]
     lines = [f"# GPU check ({env['mode']} mode): {'all steps passed' if summary['all_passed'] else 'FAILED STEPS'}", "",
-             f"{env['gpu'] or 'no GPU'}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}", "",
+             f"{env['gpu'] or 'no GPU'}, torch {env['torch']}, CUDA {env['cuda']}, Python {env['python']}; "
+             f"{summary['total_seconds']} s in all", "",
              "| step | exit | seconds | result |", "|---|---|---|---|"]
     for step in summary["steps"]:
         run = step.get("run", {})
