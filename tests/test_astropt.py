@@ -149,11 +149,30 @@ def test_jpeg_and_filtered_png_go_through_pillow():
 
 
 def test_patch_order_is_row_column_channel():
-    image = torch.arange(3 * 4 * 4, dtype=torch.float32).reshape(3, 4, 4)
+    image = np.arange(4 * 4 * 3).reshape(4, 4, 3)
     patches = image_patches(image, 2)
     assert patches.shape == (4, 12)
-    # patch 1 is the top-right 2x2 block; its first value is pixel (0, 2) channels 0, 1, 2
-    assert patches[1, :3].tolist() == [image[0, 0, 2].item(), image[1, 0, 2].item(), image[2, 0, 2].item()]
+    # patch 1 is the top-right 2x2 block; its first values are pixel (0, 2) channels 0, 1, 2, then pixel (0, 3)
+    assert patches[1, :6].tolist() == [*image[0, 2], *image[0, 3]]
+
+
+def test_rgb_patches_are_the_scaled_image_in_8_bits_and_columns_follow_modalities():
+    from fmb.data.surveys.euclid_desi import rgb_tensor
+    from fmb.models.astropt.data import columns_for, rgb_patches
+    from fmb.models.astropt.trainer import model_inputs
+
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    image = {"bytes": encode_png(pixels)}
+    for size, within in ((16, 0.0), (8, 0.5 / 255 + 1e-6)):  # as decoded (exact), and resized (rounded to 8 bits)
+        patches = rgb_patches(image, size, 4)
+        assert patches.dtype == torch.uint8
+        scaled = model_inputs([Modality("images", 48, 4)], {"images": patches[None], "images_mask": None})[0]["images"][0]
+        expected = torch.from_numpy(image_patches(rgb_tensor(image, size).permute(1, 2, 0).numpy(), 4))
+        torch.testing.assert_close(scaled, expected, rtol=0, atol=within)
+    images = [Modality(name="images", input_size=48, patch_size=4)]
+    assert columns_for(images) == ["object_id", "targetid", "redshift", "RGB_image.bytes"]
+    both = [*images, Modality(name="spectra", input_size=10, patch_size=10)]
+    assert columns_for(both) == COLUMNS and "spectrum.error" not in COLUMNS
 
 
 def test_spectrum_cleaning_pads_trims_masks_and_guards_zero_spread():
@@ -280,7 +299,7 @@ def test_dataset_items_masks_and_splits(dataset_dir):
     ds = EuclidDesiPatches(train, [IMAGES, SPECTRA], 32, 7781)
     items = [ds[i] for i in range(len(ds))]
     assert items[0]["images"].shape == (4, 768) and items[0]["spectra"].shape == (779, 10)
-    assert all(0.0 <= it["images"].min() and it["images"].max() <= 1.0 for it in items)
+    assert all(it["images"].dtype == torch.uint8 and it["images"].max() > 0 for it in items)
     absent = [it for it in items if not it["spectra_mask"].any()]
     present = [it for it in items if it["spectra_mask"].any()]
     assert absent and present  # the generator leaves some rows without a spectrum

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fmb.data.hdf5 import HDF5Source
 from fmb.data.splits import holdout_mask
-from fmb.data.tables import TableSource, available_splits, rows_by_id
+from fmb.data.tables import TableSource, available_splits, column_names, rows_by_id
 from fmb.errors import DataError
 
 
@@ -70,6 +71,41 @@ def test_parquet_shards_by_split_with_projection(tmp_path):
         TableSource(tmp_path, ["object_id"], split="validation")
 
 
+@pytest.mark.parametrize("layout", ["parquet", "save_to_disk"])
+def test_struct_children_are_projected(tmp_path, layout):
+    if layout == "parquet":
+        pq.write_table(make_table(10), tmp_path / "t.parquet", row_group_size=4)
+        root = tmp_path / "t.parquet"
+    else:
+        root = tmp_path / "ds"
+        write_save_to_disk(root, {"train": make_table(10)})
+    source = TableSource(root, ["object_id", "spectrum.flux", "spectrum.wavelength", "RGB_image.bytes", "spectrum.nope"],
+                         split="train" if layout == "save_to_disk" else None)
+    if layout == "parquet":  # what pyarrow decodes: only these leaves (the child the file lacks left out)
+        assert source.read_columns == [["object_id", "spectrum.flux", "spectrum.wavelength", "RGB_image.bytes"]]
+        assert source._chunk_table(0).schema.field("spectrum").type.names == ["flux", "wavelength"]
+    row = source.row(5)
+    assert set(row) == {"object_id", "spectrum", "RGB_image"}
+    assert set(row["spectrum"]) == {"flux", "wavelength"} and set(row["RGB_image"]) == {"bytes"}
+    np.testing.assert_array_equal(row["spectrum"]["flux"], np.full(5, 5, np.float32))
+    whole = TableSource(root, ["spectrum", "spectrum.flux"], split="train" if layout == "save_to_disk" else None)
+    assert set(whole.row(5)["spectrum"]) == {"flux", "wavelength", "error"}  # the whole struct wins
+
+
+def test_arrow_pages_are_released_and_parquet_is_not_mapped(tmp_path):
+    from fmb.data import tables
+
+    write_save_to_disk(tmp_path / "ds", {"train": make_table(20)})
+    source = TableSource(tmp_path / "ds", ["object_id", "VIS_image"], split="train")
+    for _ in range(tables.RELEASE_EVERY_ROWS // 20 + 1):  # past one release: rows still read right
+        assert [source.row(i)["object_id"] for i in range(20)] == list(range(20))
+    assert source.row(19)["VIS_image"][0, 0] == 19
+    pq.write_table(make_table(10), tmp_path / "t.parquet", row_group_size=4)
+    parquet = TableSource(tmp_path / "t.parquet", ["object_id"])
+    assert parquet.row(9)["object_id"] == 9
+    assert str(tmp_path / "t.parquet") not in Path("/proc/self/maps").read_text()
+
+
 def test_save_to_disk_directory_is_memory_mapped(tmp_path):
     write_save_to_disk(tmp_path / "ds", {"train": make_table(20), "test": make_table(4, 50)})
     source = TableSource(tmp_path / "ds", ["object_id", "RGB_image", "redshift"], split="train")
@@ -77,6 +113,7 @@ def test_save_to_disk_directory_is_memory_mapped(tmp_path):
     row = source.row(15)
     assert row["object_id"] == 15 and row["RGB_image"]["bytes"] == bytes([15]) and row["redshift"] == 0.15
     assert TableSource(tmp_path / "ds" / "test", ["object_id"]).row(0)["object_id"] == 50
+    assert column_names(tmp_path / "ds")[:2] == ["object_id", "redshift"]  # a DatasetDict: its first split's
     with pytest.raises(DataError, match="split 'val' not found"):
         TableSource(tmp_path / "ds", ["object_id"], split="val")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -35,8 +36,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     assert la[0] == pytest.approx(lb[0], rel=1e-5)
 
 
-def test_exact_resume_is_bitwise(tmp_path):
-    common = dict(max_steps=10, batch_size=4)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_exact_resume_is_bitwise(tmp_path, workers):
+    common = dict(max_steps=10, batch_size=4, num_workers=workers)
     straight = toy_config(tmp_path / "straight", **common)
     straight.model.dropout = 0.2  # random stream must be restored too
 
@@ -295,6 +297,47 @@ def test_sampler_order_changes_with_epoch_and_skips_on_resume():
     other = ResumableSampler(data, num_replicas=2, rank=0, seed=3)
     other.set_epoch(0)
     assert set(other).isdisjoint(first)
+
+
+class _EpochItems(torch.utils.data.Dataset):
+    """Items that say which index, epoch and process made them."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([i, self.epoch, os.getpid()])
+
+
+def test_persistent_workers_follow_the_epoch_and_reshuffle():
+    from fmb.train.loader import ResumableSampler, make_loader, stop_workers
+
+    data = _EpochItems(16)
+    sampler = ResumableSampler(data, num_replicas=1, rank=0, seed=0)
+    loader = make_loader(data, sampler, 4, 1, None, pin_memory=False, drop_last=True, seed=0)
+    orders, workers = [], set()
+    try:
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            loader.dataset.set_epoch(epoch)
+            items = torch.cat(list(loader))
+            assert (items[:, 1] == epoch).all()  # the epoch reached the worker's copy of the dataset
+            orders.append(items[:, 0].tolist())
+            workers |= set(items[:, 2].tolist())
+        assert len(workers) == 1 and os.getpid() not in workers  # one worker, the same every epoch
+        assert orders[0] != orders[1] != orders[2] and sorted(orders[1]) == list(range(16))
+        sampler.set_epoch(1)  # a resumed epoch: the rest of the same order
+        sampler.set_start(8)
+        loader.dataset.set_epoch(1)
+        assert torch.cat(list(loader))[:, 0].tolist() == orders[1][8:]
+    finally:
+        stop_workers(loader)
 
 
 def test_global_batch_size_sets_accumulation_from_world_size(tmp_path):

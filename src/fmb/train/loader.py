@@ -4,6 +4,12 @@ Sample order depends only on (seed, epoch): the sampler and each DataLoader get 
 generators, so nothing here draws from the global RNG and a resumed run sees the same
 batches as an uninterrupted one. Datasets that need randomness (augmentations, crops)
 implement `set_epoch(epoch)` and seed per sample from (seed, epoch, index).
+
+Workers persist across epochs (starting them again each epoch re-imports nothing but does reopen
+files and re-decode parquet row groups); the epoch reaches their copies of the dataset through
+shared memory (`EpochInWorkers`). Each worker runs one torch thread and reads parquet without
+pyarrow's thread pool, so W workers use W cores; at 0 workers the main process keeps its threads
+for the model, and the samples are prepared with one (`Loader`), as a worker would.
 """
 
 from __future__ import annotations
@@ -73,18 +79,66 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+class EpochInWorkers(Dataset):
+    """A dataset with `set_epoch`, as seen through persistent workers: the epoch is kept in shared
+    memory, and each worker's copy calls its own dataset's `set_epoch` when it sees a new value.
+    The trainer sets the epoch before it starts iterating, and workers only take indices of an
+    epoch after that, so every sample of an epoch sees that epoch."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.shared_epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.seen_epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shared_epoch.fill_(epoch)
+        self._follow(epoch)
+
+    def _follow(self, epoch: int) -> None:
+        if epoch != self.seen_epoch:
+            self.dataset.set_epoch(epoch)
+            self.seen_epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        self._follow(int(self.shared_epoch))
+        return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # shuffle_blocks() and the like, from the dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 class Loader(DataLoader):
     """A DataLoader whose workers are forked with the stop signals blocked (the main process gets
-    them as soon as the workers exist)."""
+    them as soon as the workers exist); without workers, each batch is prepared with one torch
+    thread (small per-sample operations split over busy cores cost more than they gain)."""
 
     def __iter__(self) -> Iterator[Any]:
         if self.num_workers == 0:
-            return super().__iter__()
+            return _one_thread(super().__iter__())
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             return super().__iter__()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _one_thread(batches: Iterator[Any]) -> Iterator[Any]:
+    """Each batch fetched with one torch thread; the caller's thread count in between."""
+    while True:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            torch.set_num_threads(threads)
+        yield batch
 
 
 def make_loader(
@@ -98,7 +152,10 @@ def make_loader(
     seed: int,
     batch_sampler: Sampler | None = None,
 ) -> DataLoader:
-    """The one way fmb builds a DataLoader (training, validation, embedding)."""
+    """The one way fmb builds a DataLoader (training, validation, embedding). Workers persist across
+    epochs; pinned memory (on CUDA) makes the copies to the device asynchronous."""
+    if num_workers > 0 and hasattr(dataset, "set_epoch"):
+        dataset = EpochInWorkers(dataset)
     return Loader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
@@ -110,8 +167,16 @@ def make_loader(
         drop_last=drop_last if batch_sampler is None else False,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
-        persistent_workers=False,  # workers are re-created per epoch so dataset.set_epoch reaches them
+        persistent_workers=num_workers > 0,
     )
+
+
+def stop_workers(loader: DataLoader | None) -> None:
+    """End a loader's persistent workers now rather than when the loader is garbage collected."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        loader._iterator = None
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

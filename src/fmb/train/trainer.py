@@ -46,7 +46,7 @@ from fmb.train.distributed import (
 from fmb.train.environment import RunEnvironment, build_environment
 from fmb.train.evaluator import EvalBatchSampler, Evaluator, Sums, ValidationBatch, mean_metrics
 from fmb.train.faults import FaultCounter
-from fmb.train.loader import ResumableSampler, make_loader, to_device
+from fmb.train.loader import ResumableSampler, make_loader, stop_workers, to_device
 from fmb.train.metrics import Meter, MetricsLog, peak_memory_gb, summary_line
 from fmb.train.optim import build_adamw, parameter_groups
 from fmb.train.rundir import EXIT_CODES, RunLock, write_status
@@ -373,6 +373,8 @@ class BaseTrainer:
         self._log_start(train_set, val_set, groups)
 
     def close(self) -> None:
+        stop_workers(getattr(self, "train_loader", None))
+        stop_workers(getattr(getattr(self, "evaluator", None), "loader", None))
         self._close_logging()
         if getattr(self, "_lock", None) is not None:
             self._lock.release()

@@ -32,6 +32,10 @@ DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid (Angst
 # truth columns holding text: the kind of a planted anomaly of synthetic data, null for normal objects
 TEXT_TRUTH_COLUMNS = ("truth_anomaly",)
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
+# What `rgb_array` and `desi_flux` read, as TableSource columns: the struct fields they use and no
+# more (the RGB path, and the spectrum's error array, which only AION's inverse variance needs).
+RGB_COLUMNS = ["RGB_image.bytes"]
+FLUX_COLUMNS = ["spectrum.flux", "spectrum.wavelength"]
 # Per-band zero points (Jy) for the flux conversion factor ZP_nu / 3631.
 EUCLID_ZERO_POINTS = {"VIS_image": 2835.34, "NISP_Y_image": 1916.10, "NISP_J_image": 1370.25, "NISP_H_image": 918.35}
 
@@ -65,22 +69,23 @@ class SplitRows:
 
 
 def open_split(path: str, split: str, columns: list[str], val_split: str | None, val_fraction: float,
-               seed: int, train_split: str = "train") -> SplitRows:
+               seed: int, train_split: str = "train", cache_row_groups: int = 4) -> SplitRows:
     """Rows of `split` ("train" or "validation", or a named split such as "test").
 
     Without a named validation split, validation is a hold-out of `val_fraction` of the training
     split chosen by hashing object_id, and "train" excludes it. The test split is never used
-    unless named.
+    unless named. `cache_row_groups`: decoded parquet row groups kept (4 for the block-shuffled
+    training order; 1 where rows are read in order).
     """
     if split == "validation" and val_split:
-        source = TableSource(path, columns, split=val_split)
+        source = TableSource(path, columns, split=val_split, cache_row_groups=cache_row_groups)
         indices = np.arange(len(source))
     elif split in ("train", "validation"):
-        source = TableSource(path, columns, split=_split_name(path, train_split))
+        source = TableSource(path, columns, split=_split_name(path, train_split), cache_row_groups=cache_row_groups)
         held = holdout_mask(source.column("object_id"), val_fraction, seed) if val_fraction > 0 else np.zeros(len(source), bool)
         indices = np.flatnonzero(held if split == "validation" else ~held)
     else:
-        source = TableSource(path, columns, split=_split_name(path, split))
+        source = TableSource(path, columns, split=_split_name(path, split), cache_row_groups=cache_row_groups)
         indices = np.arange(len(source))
     if split != "validation" and len(indices) == 0:
         raise DataError(f"split '{split}' of {path} has no rows")
@@ -99,6 +104,7 @@ def embedding_splits(data: str | None, split: str | None, columns: list[str], cf
     Without `data`, the run's dataset (`cfg.path`) with the run's own splits: "train" and "validation"
     (the hold-out of train, when the data has no validation split) and any other split it holds
     (e.g. "test"). With `data`, the splits that dataset holds, as named (or "all" for a single file).
+    Embedding reads rows in order, so one decoded row group at a time is kept.
     """
     path = data or cfg.path
     if path is None:
@@ -107,13 +113,14 @@ def embedding_splits(data: str | None, split: str | None, columns: list[str], cf
     if data is None:
         others = [s for s in named if s not in (cfg.train_split, cfg.val_split)]
         wanted = [split] if split else ["train", "validation", *others]
-        selected = [(name, open_split(path, name, columns, cfg.val_split, cfg.val_fraction, seed, cfg.train_split))
+        selected = [(name, open_split(path, name, columns, cfg.val_split, cfg.val_fraction, seed, cfg.train_split, 1))
                     for name in wanted]
     else:
         choices = named or ["all"]
         if split is not None and split not in choices:
             raise ConfigError(f"--split {split}: {data} has {', '.join(choices)}")
-        selected = [(name, open_split(data, name, columns, None, 0.0, 0)) for name in ([split] if split else choices)]
+        selected = [(name, open_split(data, name, columns, None, 0.0, 0, cache_row_groups=1))
+                    for name in ([split] if split else choices)]
     return [(name, rows) for name, rows in selected if len(rows)]
 
 
@@ -134,14 +141,23 @@ def _split_name(path: str, split: str) -> str | None:
     return split
 
 
+def rgb_array(image_struct: dict | None) -> np.ndarray:
+    """`RGB_image` {bytes} -> H x W x 3 uint8, as decoded."""
+    if image_struct is None or not image_struct.get("bytes"):
+        raise DataError("no image bytes")
+    return decode_image(image_struct["bytes"])
+
+
 def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
-    """`RGB_image` {bytes, path} -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
+    """`RGB_image` {bytes} -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
+    return rgb_resized(rgb_array(image_struct), size)
+
+
+def rgb_resized(array: np.ndarray, size: int) -> torch.Tensor:
+    """H x W x 3 uint8 -> (3, size, size) float32 in [0, 1] (antialiased resize)."""
     import torch
     import torch.nn.functional as F
 
-    if image_struct is None or not image_struct.get("bytes"):
-        raise DataError("no image bytes")
-    array = decode_image(image_struct["bytes"])
     image = torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
     if image.shape[1:] != (size, size):
         shrink = size < max(image.shape[1:])  # antialiasing only matters when shrinking, and is slow

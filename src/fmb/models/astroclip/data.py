@@ -25,6 +25,8 @@ from fmb.data.hdf5 import HDF5Source
 from fmb.data.surveys.astroclip import FIELDS
 from fmb.data.surveys.euclid_desi import (
     DESI_PIXELS,
+    FLUX_COLUMNS,
+    RGB_COLUMNS,
     SplitRows,
     desi_flux,
     rgb_tensor,
@@ -34,7 +36,6 @@ from fmb.errors import DataError
 
 log = logging.getLogger("fmb")
 
-EUCLID_COLUMNS = ["object_id", "targetid", "redshift", "RGB_image", "spectrum"]
 # Legacy Survey colour composite: band -> (RGB plane, scale); g is blue, r green, z red.
 LEGACY_RGB = {"g": (2, 6.0), "r": (1, 3.4), "z": (0, 2.2)}
 
@@ -135,6 +136,11 @@ class AstroClipHDF5(_Augmented):
             item["has_image"] = torch.tensor(has_image)
             item["valid"] = torch.tensor(has_spectrum and has_image)  # a contrastive pair needs both
         return item
+
+
+def euclid_columns(images: bool) -> list[str]:
+    """The Euclid + DESI columns read: SpecFormer's spectra alone, or AstroCLIP's with the images."""
+    return ["object_id", "targetid", "redshift", *(RGB_COLUMNS if images else []), *FLUX_COLUMNS]
 
 
 class EuclidDesiPairs(_Augmented):

@@ -31,7 +31,7 @@ from fmb.data.surveys.euclid_desi import (
 )
 from fmb.embeddings import joint_embedding
 from fmb.errors import ConfigError
-from fmb.models.astroclip.data import EUCLID_COLUMNS, AstroClipHDF5, EuclidDesiPairs
+from fmb.models.astroclip.data import AstroClipHDF5, EuclidDesiPairs, euclid_columns
 from fmb.models.astroclip.model import (
     SPECFORMER_PRESETS,
     VIT_PRESETS,
@@ -209,7 +209,7 @@ class _DataMixin:
             return AstroClipHDF5(path or data.path, fraction, data.image_size, data.spectrum_length,
                                  augment=training and data.augment, seed=self.cfg.seed, images=images)
         if rows is None:
-            rows = open_split(data.path, split, EUCLID_COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
+            rows = open_split(data.path, split, euclid_columns(images), data.val_split, data.val_fraction, self.cfg.seed,
                               data.train_split)
         return EuclidDesiPairs(rows, data.image_size, data.spectrum_length, augment=training and data.augment,
                                seed=self.cfg.seed, images=images, resample_spectra=data.resample_spectra,
@@ -223,8 +223,9 @@ class _DataMixin:
             if split is not None and split not in names:
                 raise ConfigError(f"--split for {'this run' if data is None else data} (HDF5) is one of {', '.join(names)}")
             return [(name, self.dataset(name, images, path=data)) for name in ([split] if split else names)]
-        targets = tuple(target_columns(data or self.config.data.path, EUCLID_COLUMNS))
-        splits = embedding_splits(data, split, EUCLID_COLUMNS + list(targets), self.config.data, self.cfg.seed)
+        columns = euclid_columns(images)
+        targets = tuple(target_columns(data or self.config.data.path, columns))
+        splits = embedding_splits(data, split, columns + list(targets), self.config.data, self.cfg.seed)
         return [(name, self.dataset(name, images, rows=rows, targets=targets)) for name, rows in splits]
 
 

@@ -1,7 +1,7 @@
 """AstroPT samples from the Euclid + DESI sample: RGB image patches and DESI spectrum patches.
 
-Image: decoded, resized to `image_size`, scaled to [0, 1], cut into patch x patch x 3 tokens
-flattened in (row, column, channel) order. Spectrum: cleaned (see fmb.data.surveys.euclid_desi), cut
+Image: decoded, resized to `image_size` where it differs, cut into patch x patch x 3 tokens
+flattened in (row, column, channel) order, kept as 8-bit values (scaled to [0, 1] on the device). Spectrum: cleaned (see fmb.data.surveys.euclid_desi), cut
 into patches of `patch_size` pixels. Each modality carries a token mask, so an object with no
 spectrum (or a broken image) still trains on its other modality without misaligning the batch.
 A modality that is present but unusable is reported as a data fault (`fault_image`,
@@ -16,20 +16,46 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fmb.data.surveys.euclid_desi import SplitRows, clean_spectrum, rgb_tensor, scalar_values
+from fmb.data.surveys.euclid_desi import (
+    FLUX_COLUMNS,
+    RGB_COLUMNS,
+    SplitRows,
+    clean_spectrum,
+    rgb_array,
+    rgb_resized,
+    scalar_values,
+)
 from fmb.errors import DataError
 from fmb.models.astropt.model import Modality
 
 log = logging.getLogger("fmb")
 
-COLUMNS = ["object_id", "targetid", "redshift", "RGB_image", "spectrum"]
+COLUMNS = ["object_id", "targetid", "redshift", *RGB_COLUMNS, *FLUX_COLUMNS]
 
 
-def image_patches(image: torch.Tensor, patch: int) -> torch.Tensor:
-    """(C, H, W) -> (H/p * W/p, p * p * C), patches in raster order."""
-    channels, height, width = image.shape
-    grid = image.permute(1, 2, 0).reshape(height // patch, patch, width // patch, patch, channels)
-    return grid.permute(0, 2, 1, 3, 4).reshape(-1, patch * patch * channels)
+def columns_for(modalities: list[Modality]) -> list[str]:
+    """The columns a model with these modalities reads (an image-only model skips the spectra)."""
+    names = {m.name for m in modalities}
+    return [c for c in COLUMNS if not ((c in RGB_COLUMNS and "images" not in names)
+                                       or (c in FLUX_COLUMNS and "spectra" not in names))]
+
+
+def image_patches(image: np.ndarray, patch: int) -> np.ndarray:
+    """(H, W, C) -> (H/p * W/p, p * p * C), patches in raster order, each in (row, column, channel) order."""
+    height, width, channels = image.shape
+    grid = image.reshape(height // patch, patch, width // patch, patch, channels).transpose(0, 2, 1, 3, 4)
+    return grid.reshape(-1, patch * patch * channels)
+
+
+def rgb_patches(image_struct: dict | None, size: int, patch: int) -> torch.Tensor:
+    """`RGB_image` -> `image_patches` of the image at `size`, as 8-bit values: `model_inputs` scales them
+    to [0, 1] on the device, so a quarter of the bytes cross from DataLoader workers and to the GPU.
+    An image of another size is resized (antialiased bilinear) and rounded back to 8 bits, as a
+    Pillow resize gives it."""
+    array = rgb_array(image_struct)
+    if array.shape[:2] != (size, size):
+        array = rgb_resized(array, size).mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+    return torch.from_numpy(image_patches(array, patch))
 
 
 def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +103,13 @@ class EuclidDesiPatches(Dataset):
             patch = self.modalities["images"].patch_size
             item["fault_image"] = ""
             try:
-                tokens = image_patches(rgb_tensor(row["RGB_image"], self.image_size), patch)
+                tokens = rgb_patches(row["RGB_image"], self.image_size, patch)
                 mask = torch.ones(len(tokens), dtype=torch.bool)
             except DataError as exc:
                 if row["RGB_image"] is not None:  # present but unusable; a null image is simply absent
                     item["fault_image"] = f"{exc} ({where})"
                     log.debug(f"{where}: image skipped: {exc}")
-                tokens = torch.zeros(self.image_tokens, patch * patch * 3)
+                tokens = torch.zeros(self.image_tokens, patch * patch * 3, dtype=torch.uint8)
                 mask = torch.zeros(self.image_tokens, dtype=torch.bool)
             item["images"], item["images_mask"] = tokens, mask
         if "spectra" in self.modalities:

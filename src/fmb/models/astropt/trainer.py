@@ -19,7 +19,7 @@ from fmb.data.surveys.euclid_desi import (
 )
 from fmb.embeddings import OLD_NAMES, joint_embedding
 from fmb.errors import ConfigError
-from fmb.models.astropt.data import COLUMNS, EuclidDesiPatches
+from fmb.models.astropt.data import EuclidDesiPatches, columns_for
 from fmb.models.astropt.model import PRESETS, AstroPT, GPTShape, Modality, next_patch_loss
 from fmb.train import BaseTrainer, BaseTrainingConfig, StepOutput
 from fmb.train.embed import EmbedBatch
@@ -147,12 +147,14 @@ class AstroPTTrainer(BaseTrainer):
 
     def build_datasets(self):
         data = self.config.data
-        return tuple(self.dataset(open_split(data.path, split, COLUMNS, data.val_split, data.val_fraction, self.cfg.seed,
+        columns = columns_for(self.config.model.modalities)
+        return tuple(self.dataset(open_split(data.path, split, columns, data.val_split, data.val_fraction, self.cfg.seed,
                                              data.train_split)) for split in ("train", "validation"))
 
     def embedding_datasets(self, data: str | None, split: str | None) -> list[tuple[str, EuclidDesiPatches]]:
-        targets = tuple(target_columns(data or self.config.data.path, COLUMNS))
-        splits = embedding_splits(data, split, COLUMNS + list(targets), self.config.data, self.cfg.seed)
+        columns = columns_for(self.config.model.modalities)
+        targets = tuple(target_columns(data or self.config.data.path, columns))
+        splits = embedding_splits(data, split, columns + list(targets), self.config.data, self.cfg.seed)
         return [(name, self.dataset(rows, targets)) for name, rows in splits]
 
     def embed_batch(self, model: nn.Module, batch: dict) -> EmbedBatch:
@@ -181,6 +183,8 @@ def model_inputs(modalities: list[Modality], batch: dict) -> tuple[dict, dict, d
     tokens, positions, masks = {}, {}, {}
     for mod in modalities:
         values = batch[mod.name]
+        if values.dtype == torch.uint8:  # 8-bit image patches (fmb.models.astropt.data.rgb_patches)
+            values = values.float().div_(255.0)
         tokens[mod.name] = values
         masks[mod.name] = batch[f"{mod.name}_mask"]
         if mod.positions == "index":
