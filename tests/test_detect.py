@@ -217,8 +217,12 @@ def test_thresholds_select_before_the_top_k(tmp_path):
     path = write_file(tmp_path / "t.parquet", np.arange(100), {"image": images, "spectrum": spectra})
     result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), thresholds={"mismatch": 0.98}))
     assert sorted(result.ids[result.selected]) == [0, 1, 2]
-    with pytest.raises(ConfigError, match="threshold nosuch: no score of that name"):
-        detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), thresholds={"nosuch": 0.5}))
+    stages = []
+    with pytest.raises(ConfigError, match="threshold nosuch: no score of that name; scores are anomaly_score, "
+                                          "t/anomaly_score, t/image[+]spectrum/mismatch"):
+        detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), thresholds={"nosuch": 0.5}),
+               stage=stages.append)
+    assert stages == ["load"]  # refused before any scoring
 
 
 def test_bad_inputs(tmp_path, caplog):

@@ -254,8 +254,9 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
     truth = agreement.find_truth(files, ids, truth_file, truth_id)  # before the work: a bad --truth fails at once
     timings: dict[str, float] = {}
     scores, exclusions, graphs = [], [], {}
-    # checked before any scoring, so a wrong --pair fails at once
+    # checked before any scoring, so a wrong --pair or --threshold fails at once
     pairs = [{scorer: mismatch_pairs(f, scorer, options) for scorer in MISMATCHES if options.wants(scorer)} for f in files]
+    check_thresholds(options.thresholds, planned_scores(files, names, pairs, options))
     for f, model, file_pairs in zip(files, names, pairs, strict=True):
         s, e, g = score_file(f, model, options, file_pairs, stage, timings)
         scores += s
@@ -279,18 +280,35 @@ def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None
     return result
 
 
+def planned_scores(files: list[EmbeddingFile], names: list[str], pairs: list[dict[str, list[tuple[str, str]]]],
+                   options: DetectOptions) -> list[str]:
+    """The names of every score, fused score included, that `detect` will compute (or try to: a
+    column with too few usable rows is skipped later)."""
+    planned = ["anomaly_score"]
+    single = [s for s in SCORERS if s not in MISMATCHES and options.wants(s)]
+    for f, model, file_pairs in zip(files, names, pairs, strict=True):
+        planned.append(f"{model}/anomaly_score")
+        planned += [f"{model}/{column}/{scorer}" for column in f.embeddings for scorer in single]
+        planned += [f"{model}/{a}+{b}/{scorer}" for scorer, found in file_pairs.items() for a, b in found]
+    return planned
+
+
+def check_thresholds(thresholds: dict[str, float], names: list[str]) -> None:
+    for key in thresholds:
+        if not matching_scores(key, names):
+            raise ConfigError(f"threshold {key}: no score of that name; scores are {', '.join(names)}")
+
+
 def select(thresholds: dict[str, float], percentiles: dict[str, np.ndarray], model_scores: dict[str, np.ndarray],
            anomaly_score: np.ndarray) -> np.ndarray:
     """Objects at or above every threshold's percentile, among the scores it names; an object
     without such a score (a missing modality) is not removed by that threshold."""
     named = {**percentiles, **{f"{m}/anomaly_score": v for m, v in model_scores.items()},
              "anomaly_score": anomaly.percentile(anomaly_score)}
+    check_thresholds(thresholds, list(named))  # again: a planned score may have had too few rows
     keep = np.ones(len(anomaly_score), bool)
     for key, lowest in thresholds.items():
-        hits = matching_scores(key, list(named))
-        if not hits:
-            raise ConfigError(f"threshold {key}: no score of that name; scores are {', '.join(named)}")
-        for name in hits:
+        for name in matching_scores(key, list(named)):
             keep &= ~(named[name] < lowest)  # NaN (no such score) passes
         log.info(f"threshold {key} >= {lowest}: {int(keep.sum())} objects left")
     return keep
