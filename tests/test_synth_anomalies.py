@@ -167,6 +167,33 @@ def test_only_the_planted_objects_change(tmp_path):
                 assert kind in KINDS and before["object_id"] == after["object_id"] and before != after
 
 
+def test_missing_modalities_keep_every_planted_anomaly_visible(tmp_path):
+    missing = {"spectrum": 0.5, "image": 0.3}
+    synth.write(tmp_path / "holes", 300, seed=6, image_size=16, missing=missing)
+    synth.write(tmp_path / "planted", 300, seed=6, image_size=16, missing=missing, anomalies=RATE)
+    holes = pq.read_table(tmp_path / "holes" / "data", columns=["object_id", "VIS_image", "spectrum"]).sort_by("object_id")
+    rows = pq.read_table(tmp_path / "planted" / "data", columns=["object_id", "VIS_image", "spectrum", "truth_anomaly"])
+    rows = rows.sort_by("object_id")
+    image, spectrum = (rows.column(c).is_valid().to_numpy(zero_copy_only=False) for c in ("VIS_image", "spectrum"))
+    kinds = np.array(rows.column("truth_anomaly").to_pylist(), dtype=object)
+    # the holes fall on the same objects with and without anomalies
+    kept = {c: holes.column(c).is_valid().to_numpy(zero_copy_only=False) for c in ("VIS_image", "spectrum")}
+    assert (kept["VIS_image"] == image).all()
+    assert spectrum[kept["spectrum"]].all()  # (planting gives spectra to some of the 8% born without)
+    # every planted object keeps what its kind is seen in
+    needs_image = ["spectrum_mismatch", "satellite_streak", "bleed_trail", "cosmic_rays", "masked_patch", "lens_arc", "merger"]
+    for name in needs_image:
+        assert image[of_kind(kinds, name)].all(), name
+    assert spectrum[of_kind(kinds, "spectrum_mismatch")].all()
+    for name in ("quasar", "extreme_emission"):
+        assert (image | spectrum)[of_kind(kinds, name)].all(), name
+    assert of_kind(kinds, None)[~image & ~spectrum].all()
+    # and the rate holds among the objects that can show something
+    shown = ~of_kind(kinds, None)[image]
+    assert abs(shown.mean() - RATE) < 4 * np.sqrt(RATE * (1 - RATE) / len(shown))
+    assert set(kinds[~of_kind(kinds, None)]) == set(KINDS)
+
+
 def test_bad_rates_and_other_generators_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="between 0 and 1"):
         synth.write(tmp_path, 4, 0, image_size=16, anomalies=1.5)

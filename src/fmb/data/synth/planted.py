@@ -21,13 +21,16 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 Only the chosen objects change, drawn from a random stream of their own: the other objects are the
 same as without anomalies. The truth columns follow the change (an extreme emission-line galaxy is
 late-type, a quasar has a half-light radius of 0), and the kinds seen in the spectrum always have
-one. Everything is vectorised over the objects of one kind in a chunk.
+one. With modalities missing (`--missing`), each kind is planted only on objects that keep a
+modality it is seen in (`SEEN_IN`): a chosen object that lacks it gets another kind it can show, and
+one with neither image nor spectrum stays normal, so a label is never an anomaly no one could see.
+Everything is vectorised over the objects of one kind in a chunk.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,12 +55,21 @@ def anomaly_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(b"anomalies")])
 
 
-def plant(chunk: Chunk, rate: float, rng: np.random.Generator) -> np.ndarray:
+def plant(chunk: Chunk, rate: float, rng: np.random.Generator,
+          present: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Change a random `rate` share of the chunk's objects in place; (n,) object array of the kinds
-    (None for the objects left alone)."""
+    (None for the objects left alone). `present` = {modality: (n,) bool} says which objects will keep
+    their image and spectrum (all, for a modality not named)."""
     n = len(chunk.galaxies)
     chosen = rng.random(n) < rate
     kind = rng.integers(len(KINDS), size=n)
+    shows = _shows(present or {}, n)
+    unseen = chosen & ~shows[np.arange(n), kind]
+    if unseen.any():  # no draw otherwise: the anomalies without missing modalities stay the same
+        options = shows[unseen]
+        pick = np.floor(rng.random(len(options)) * options.sum(axis=1))  # uniform among the kinds it shows
+        kind[unseen] = np.argmax(options.cumsum(axis=1) > pick[:, None], axis=1)
+        chosen[unseen] = options.any(axis=1)
     labels = np.full(n, None, dtype=object)
     for index, (name, change) in enumerate(KINDS.items()):
         rows = np.flatnonzero(chosen & (kind == index))
@@ -65,6 +77,13 @@ def plant(chunk: Chunk, rate: float, rng: np.random.Generator) -> np.ndarray:
             change(chunk, rows, rng)
             labels[rows] = name
     return labels
+
+
+def _shows(present: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """(n, kinds) bool: whether each object keeps what each kind is seen in (`SEEN_IN`)."""
+    has = {modality: np.asarray(present.get(modality, np.ones(n, bool)), bool) for modality in ("image", "spectrum")}
+    return np.stack([np.any([np.all([has[m] for m in needed], axis=0) for needed in SEEN_IN[name]], axis=0)
+                     for name in KINDS], axis=1)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -283,4 +302,16 @@ KINDS: dict[str, Callable[[Chunk, np.ndarray, np.random.Generator], None]] = {
     "extreme_emission": extreme_emission,
     "quasar": quasar,
     "merger": merger,
+}
+# where each kind is seen: the object must keep all the modalities of one of these sets
+SEEN_IN: dict[str, tuple[tuple[str, ...], ...]] = {
+    "spectrum_mismatch": (("image", "spectrum"),),  # a spectrum that disagrees with the imaged object
+    "satellite_streak": (("image",),),
+    "bleed_trail": (("image",),),
+    "cosmic_rays": (("image",),),
+    "masked_patch": (("image",),),
+    "lens_arc": (("image",),),
+    "extreme_emission": (("image",), ("spectrum",)),  # compact and hot, or the lines
+    "quasar": (("image",), ("spectrum",)),  # a point source, or the broad lines
+    "merger": (("image",),),  # the companion's lines sit at the host's redshift
 }
