@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fmb.data.images import decode_image
 from fmb.data.surveys.euclid_desi import DESI_WAVELENGTH
 from fmb.data.synth import euclid_desi as synth
 from fmb.data.synth import galaxies as gal
@@ -73,6 +74,17 @@ def test_image_artefacts_show_in_the_vis_cutout(planted):
     # masked patch: NaN pixels, and only there
     has_nan = np.isnan(vis).any(axis=(1, 2))
     assert has_nan[of_kind(kinds, "masked_patch")].all() and not has_nan[~of_kind(kinds, "masked_patch")].any()
+
+
+def test_a_masked_patch_is_black_in_every_channel_of_the_rgb_image(planted):
+    chunk, kinds = planted
+    rows = np.flatnonzero(of_kind(kinds, "masked_patch"))
+    table = synth.chunk_table(chunk, anomalies=kinds).take(pa.array(rows))
+    rgb = np.stack([decode_image(cell["bytes"]) for cell in table.column("RGB_image").to_pylist()])
+    hole = np.isnan(chunk.bands["VIS"][rows])
+    assert (rgb[hole] == 0).all()
+    # around the patch, the galaxy and the sky keep their colour
+    assert (rgb[~hole].max(axis=-1) > 0).mean() > 0.3
 
 
 def test_rare_objects_show_in_images_and_spectra(planted):

@@ -104,8 +104,12 @@ def chunk_table(chunk: Chunk, first_id: int = 0, anomalies: np.ndarray | None = 
     """The chunk's rows in the published schema, built from NumPy buffers (no per-pixel Python objects);
     with `anomalies` (the planted kinds, None for normal objects), a `truth_anomaly` column."""
     g, n = chunk.galaxies, len(chunk.galaxies)
-    # masked pixels (NaN) are black in the colour composite, as in survey cutouts
-    rgb = gal.asinh_rgb(*(np.nan_to_num(chunk.bands[b], nan=0.0) for b in ("NISP_H", "NISP_Y", "VIS")))
+    # a pixel masked (NaN) in any of the composite's bands is black in all three channels: the colour
+    # of the bands left would be false (a VIS-only hole would show as a red patch), and black is how
+    # a composite says "no data", so a masked patch looks the same whatever bands it covers
+    planes = [chunk.bands[b] for b in ("NISP_H", "NISP_Y", "VIS")]
+    masked = np.isnan(planes[0]) | np.isnan(planes[1]) | np.isnan(planes[2])
+    rgb = gal.asinh_rgb(*(np.where(masked, np.float32(0.0), plane) for plane in planes))
     ids = np.arange(n, dtype=np.int64)
     columns = {
         "object_id": pa.array(np.int64(2_600_000_000_000_000_000) + first_id + ids * 7919),

@@ -10,7 +10,8 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 - bleed_trail: a saturated star near the galaxy in every band, flat at each band's saturation level,
   with charge bled along the VIS CCD column.
 - cosmic_rays: 5-25 sharp hits and short tracks, not PSF-blurred, in VIS.
-- masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band.
+- masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band;
+  black in all three channels of the RGB composite.
 - lens_arc: a tangential arc and a fainter counter-image at an Einstein radius of 0.6-1.5 arcsec, bluer
   than the deflector.
 - extreme_emission: an extreme emission-line galaxy: compact, hot, emission lines 10-30 times stronger.
