@@ -14,8 +14,9 @@ from fmb.data.images import decode_image
 from fmb.data.surveys.euclid_desi import DESI_WAVELENGTH
 from fmb.data.synth import euclid_desi as synth
 from fmb.data.synth import galaxies as gal
-from fmb.data.synth.planted import KINDS, anomaly_rng, plant
+from fmb.data.synth.planted import KINDS, QUASAR_LINES, anomaly_rng, plant
 from fmb.errors import ConfigError
+from fmb.evaluation import views
 from fmb.models import write_synthetic
 from tests.cli_runner import run_cli
 
@@ -126,6 +127,19 @@ def test_a_mismatched_spectrum_shows_another_redshift(planted):
     lines = ((chunk.flux - continuum(chunk.flux)) / chunk.error).max(axis=1) > 10
     normal = of_kind(kinds, None) & chunk.has_spectrum & (chunk.galaxies.kind == gal.LATE) & lines
     assert normal.sum() >= 10 and np.mean(offset[normal] < 0.01) >= 0.8
+
+
+def test_synthetic_lines_sit_where_the_views_mark_them():
+    # DESI spectra and the markers are in vacuum; air wavelengths would sit ~1.8 (1 + z) A blue of them
+    g = gal.sample_galaxies(1, np.random.default_rng(0))
+    g.kind[:], g.line_strength[:], g.redshift[:] = gal.LATE, 300.0, 0.2
+    flux = gal.observed_sed(g, DESI_WAVELENGTH)[0]
+    marked = views.observed_lines(0.2, DESI_WAVELENGTH[0], DESI_WAVELENGTH[-1])
+    for name, where, _ in marked:
+        if name in ("Hα", "Hβ", "[OII]"):
+            near = np.abs(DESI_WAVELENGTH - where) < 10
+            assert abs(DESI_WAVELENGTH[near][flux[near].argmax()] - where) <= 0.5, name
+    assert set(QUASAR_LINES) <= {rest for _, rest, _ in views.SPECTRAL_LINES}
 
 
 def continuum(flux: np.ndarray, width: int = 151) -> np.ndarray:

@@ -36,13 +36,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fmb.data.spectral_lines import rest_wavelengths
 from fmb.data.synth import galaxies as gal
 
 if TYPE_CHECKING:
     from fmb.data.synth.euclid_desi import Chunk
 
-# Quasar lines, rest Angstrom: Lya, CIV, CIII], MgII, Hgamma, Hbeta, [OIII] (narrow), Halpha; EW (A).
-QUASAR_LINES = np.array([1215.7, 1549.1, 1908.7, 2798.8, 4340.5, 4861.3, 5006.8, 6562.8])
+# Quasar lines (vacuum rest Angstrom, fmb.data.spectral_lines), [OIII] narrow; EW (A).
+QUASAR_LINES = rest_wavelengths(("Lya", "CIV", "CIII]", "MgII", "Hgamma", "Hbeta", "[OIII]5008", "Halpha"))
 QUASAR_EW = np.array([80.0, 35.0, 20.0, 30.0, 25.0, 60.0, 15.0, 250.0])
 QUASAR_BROAD = np.array([True, True, True, True, True, True, False, True])
 BROAD_SIGMA_KMS, NARROW_SIGMA_KMS = 2000.0, 150.0
