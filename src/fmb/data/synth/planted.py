@@ -8,7 +8,7 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 - satellite_streak: a straight trail across the VIS cutout (VIS only: NISP images the field at
   another time).
 - bleed_trail: a saturated star near the galaxy in every band, flat at each band's saturation level,
-  with charge bled along the VIS CCD column.
+  with the charge above it bled along the VIS CCD column (the brighter the star, the longer the trail).
 - cosmic_rays: 5-25 sharp hits and short tracks, not PSF-blurred, in VIS.
 - masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band;
   black in all three channels of the RGB composite.
@@ -133,7 +133,7 @@ def spectrum_mismatch(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) 
     z = chunk.galaxies.redshift[rows]
     step = rng.uniform(0.15, 0.6, k) * rng.choice([-1.0, 1.0], k)
     away = z + step
-    donors.redshift = np.where((away < 0.03) | (away > 1.5), z - step, away).clip(0.03, 1.8)
+    donors.redshift = np.where((away < 0.03) | (away > 1.5), z - step, away)
     chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(donors, rng)
     chunk.has_spectrum[rows] = True
 
@@ -151,7 +151,7 @@ def satellite_streak(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -
 def bleed_trail(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     k, size = len(rows), chunk.bands["VIS"].shape[-1]
     position = _off_centre(k, size, rng, least=6.0)
-    overflow = rng.uniform(5.0, 50.0, k)  # star peak over the saturation level
+    overflow = np.exp(rng.uniform(np.log(5.0), np.log(50.0), k))  # star peak over the saturation level; faint ones commoner
     colour = rng.uniform(0.5, 1.5, (k, len(chunk.bands)))
     y_index, x_index = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     centre = np.rint(position + (size - 1) / 2.0).astype(int)
@@ -160,8 +160,10 @@ def bleed_trail(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> Non
         saturation = np.maximum(1.5 * image.max(axis=(1, 2)), 300.0 * chunk.sky[band])
         star = _point_sources(position, size, chunk.psf_sigma[band])
         image += star / star.max(axis=(1, 2), keepdims=True) * _column(saturation * overflow * colour[:, b])
-        if band == "VIS":  # a CCD: the overflowing charge runs along the column, both ways
-            length = _column(np.rint(rng.uniform(4.0, 15.0, k)))
+        if band == "VIS":  # a CCD: the charge above the full well runs along the column, both ways, as far
+            # as it takes to hold it, so a brighter star bleeds longer
+            excess = np.clip(image - _column(saturation), 0.0, None).sum(axis=(1, 2)) / saturation
+            length = _column(np.rint(np.clip(excess / 2.0, 2.0, size)))
             trail = (x_index[None] == _column(centre[:, 1])) & (np.abs(y_index[None] - _column(centre[:, 0])) <= length)
             image = np.where(trail, _column(saturation), image)
         images[rows] = np.minimum(image, _column(saturation)).astype(np.float32)
@@ -200,7 +202,7 @@ def masked_patch(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> No
 def lens_arc(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     k, size = len(rows), chunk.bands["VIS"].shape[-1]
     yy, xx = _grid(size)
-    einstein = _column(np.minimum(rng.uniform(6.0, 15.0, k), 0.4 * size))  # 0.6-1.5 arcsec
+    einstein = _column(np.minimum(rng.uniform(0.6, 1.5, k) / chunk.pixel_scale, 0.4 * size))  # arcsec -> px
     radius, theta = np.sqrt(yy**2 + xx**2), np.arctan2(yy, xx)
     direction = _column(rng.uniform(0.0, 2.0 * np.pi, k))
     extent = _column(rng.uniform(0.4, 1.2, k))  # radians, half-width of the arc
