@@ -55,6 +55,17 @@ def test_rate_is_honoured_and_every_kind_appears(planted):
     assert all(count > expected / 2 for count in counts.values()), counts
 
 
+def test_the_truth_follows_the_planted_kind(planted):
+    chunk, kinds = planted
+    g = chunk.galaxies
+    quasars, lenses = of_kind(kinds, "quasar"), of_kind(kinds, "lens_arc")
+    assert (g.kind[quasars] == gal.QUASAR).all() and (chunk.radius[quasars] == 0).all()
+    # lenses are massive early types beyond z 0.2, not nearby dwarfs
+    assert (g.kind[lenses] == gal.EARLY).all() and (g.redshift[lenses] >= 0.2).all() and (g.luminosity[lenses] >= 2).all()
+    assert (g.kind[of_kind(kinds, "extreme_emission")] == gal.LATE).all()
+    assert set(g.kind[of_kind(kinds, None)]) == {gal.EARLY, gal.LATE}
+
+
 def test_image_artefacts_show_in_the_vis_cutout(planted):
     chunk, kinds = planted
     vis, sky = chunk.bands["VIS"].astype(np.float64), chunk.sky["VIS"]

@@ -42,6 +42,7 @@ BANDS = {
 }
 
 EARLY, LATE = 0, 1
+QUASAR = 2  # never drawn: the truth_type of a planted quasar (fmb.data.synth.planted)
 SED_BLOCK = 16  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
 # relative DESI noise along the grid: higher at the red end (sky lines)
 DESI_SKY = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
@@ -53,7 +54,7 @@ class Galaxies:
     """Latent truth of n galaxies."""
 
     redshift: np.ndarray
-    kind: np.ndarray  # EARLY or LATE
+    kind: np.ndarray  # EARLY or LATE (QUASAR once planted)
     temperature: np.ndarray  # continuum colour temperature (K)
     break_depth: np.ndarray  # 4000 A break
     line_strength: np.ndarray  # emission-line equivalent strength (0 for early types)

@@ -13,7 +13,7 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 - masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band;
   black in all three channels of the RGB composite.
 - lens_arc: a tangential arc and a fainter counter-image at an Einstein radius of 0.6-1.5 arcsec, bluer
-  than the deflector.
+  than the deflector, which becomes a massive early type (at z 0.2-0.9 if it was nearer).
 - extreme_emission: an extreme emission-line galaxy: compact, hot, emission lines 10-30 times stronger.
 - quasar: a point source with a power-law continuum and broad (FWHM ~ 4700 km/s) lines.
 - merger: a companion galaxy at the same redshift 0.8-2 half-light radii away, in the images,
@@ -21,8 +21,8 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 
 Only the chosen objects change, drawn from a random stream of their own: the other objects are the
 same as without anomalies. The truth columns follow the change (an extreme emission-line galaxy is
-late-type, a quasar has a half-light radius of 0), and the kinds seen in the spectrum always have
-one. With modalities missing (`--missing`), each kind is planted only on objects that keep a
+late-type, a lens deflector early-type, a quasar has truth_type 2, galaxies.QUASAR, and a half-light
+radius of 0), and the kinds seen in the spectrum always have one. With modalities missing (`--missing`), each kind is planted only on objects that keep a
 modality it is seen in (`SEEN_IN`): a chosen object that lacks it gets another kind it can show, and
 one with neither image nor spectrum stays normal, so a label is never an anomaly no one could see.
 Everything is vectorised over the objects of one kind in a chunk.
@@ -201,6 +201,19 @@ def masked_patch(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> No
 
 def lens_arc(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     k, size = len(rows), chunk.bands["VIS"].shape[-1]
+    # the deflector becomes what galaxy-scale lenses mostly are: a massive early type at z 0.2-0.9,
+    # not a nearby dwarf (whose core would hide an arc of an arcsecond)
+    g = chunk.galaxies.take(rows)
+    g.kind[:] = gal.EARLY
+    g.redshift = np.where(g.redshift < 0.2, rng.uniform(0.2, 0.9, k), g.redshift)
+    g.luminosity = np.maximum(g.luminosity, 1.0) * rng.uniform(2.0, 4.0, k)
+    g.half_light_kpc = rng.lognormal(np.log(5.0), 0.3, k)
+    g.temperature = rng.normal(4600.0, 400.0, k).clip(3500.0, 15000.0)
+    g.break_depth = rng.uniform(0.35, 0.55, k)
+    g.line_strength = np.zeros(k)
+    g.sersic_n = rng.uniform(3.0, 5.0, k)
+    g.axis_ratio = rng.uniform(0.6, 1.0, k)
+    _become(chunk, rows, g, rng)
     yy, xx = _grid(size)
     einstein = _column(np.minimum(rng.uniform(0.6, 1.5, k) / chunk.pixel_scale, 0.4 * size))  # arcsec -> px
     radius, theta = np.sqrt(yy**2 + xx**2), np.arctan2(yy, xx)
@@ -230,15 +243,7 @@ def extreme_emission(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -
     g.break_depth = rng.uniform(0.0, 0.05, k)
     g.half_light_kpc = g.half_light_kpc * 0.4
     g.sersic_n = rng.uniform(0.8, 1.5, k)
-    radius = gal.angular_half_light_pixels(g, chunk.pixel_scale)
-    fluxes = gal.band_fluxes(g, list(chunk.fluxes))
-    size = chunk.bands["VIS"].shape[-1]
-    profiles = {band: gal.sersic_images(g, size, radius, chunk.psf_sigma[band]) for band in chunk.bands}
-    _redraw(chunk, rows, profiles, fluxes, rng)
-    for name, value in vars(g).items():
-        getattr(chunk.galaxies, name)[rows] = value
-    chunk.radius[rows] = radius
-    chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(g, rng)
+    _become(chunk, rows, g, rng)
     chunk.has_spectrum[rows] = True
 
 
@@ -261,6 +266,7 @@ def quasar(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     centre = np.zeros((k, 2))
     profiles = {band: _point_sources(centre, size, chunk.psf_sigma[band]) for band in chunk.bands}
     _redraw(chunk, rows, profiles, fluxes, rng)
+    chunk.galaxies.kind[rows] = gal.QUASAR
     chunk.radius[rows] = 0.0
     chunk.flux[rows], chunk.error[rows] = gal.desi_noise(sed(gal.DESI_WAVELENGTH), rng)
     chunk.has_spectrum[rows] = True
@@ -283,6 +289,20 @@ def merger(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
         chunk.fluxes[band][rows] += values
     # about half the companion's light falls in the fibre
     chunk.flux[rows] += (0.5 * gal.observed_sed(companion, gal.DESI_WAVELENGTH)).astype(np.float32)
+
+
+def _become(chunk: Chunk, rows: np.ndarray, g: gal.Galaxies, rng: np.random.Generator) -> None:
+    """Replace the objects at `rows` by the galaxies `g`: truth, images, photometry and spectrum (which
+    stays null where it was)."""
+    radius = gal.angular_half_light_pixels(g, chunk.pixel_scale)
+    fluxes = gal.band_fluxes(g, list(chunk.fluxes))
+    size = chunk.bands["VIS"].shape[-1]
+    profiles = {band: gal.sersic_images(g, size, radius, chunk.psf_sigma[band]) for band in chunk.bands}
+    _redraw(chunk, rows, profiles, fluxes, rng)
+    for name, value in vars(g).items():
+        getattr(chunk.galaxies, name)[rows] = value
+    chunk.radius[rows] = radius
+    chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(g, rng)
 
 
 def _redraw(chunk: Chunk, rows: np.ndarray, profiles: dict[str, np.ndarray], fluxes: dict[str, np.ndarray],
