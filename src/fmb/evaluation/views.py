@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fmb.data.images import decode_image, image_bytes
+from fmb.data.spectral_lines import LINES
 from fmb.data.surveys.euclid_desi import DESI_PIXELS, DESI_WAVELENGTH, EUCLID_BAND_COLUMNS
 from fmb.data.tables import data_schema, rows_by_id
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile
@@ -31,25 +32,7 @@ from fmb.errors import DataError
 log = logging.getLogger("fmb")
 
 # (name, rest wavelength in vacuum [A], emission or absorption)
-SPECTRAL_LINES = (
-    ("Lyα", 1215.67, "emission"),
-    ("CIV", 1549.06, "emission"),
-    ("CIII]", 1908.73, "emission"),
-    ("MgII", 2799.12, "emission"),
-    ("[OII]", 3728.48, "emission"),  # the 3727/3729 doublet, blended at DESI resolution in a plot
-    ("Ca K", 3934.78, "absorption"),
-    ("Ca H", 3969.59, "absorption"),
-    ("Hβ", 4862.68, "emission"),
-    ("[OIII]", 4960.30, "emission"),
-    ("[OIII]", 5008.24, "emission"),
-    ("Mg b", 5176.70, "absorption"),
-    ("Na D", 5894.60, "absorption"),
-    ("[NII]", 6549.86, "emission"),
-    ("Hα", 6564.61, "emission"),
-    ("[NII]", 6585.27, "emission"),
-    ("[SII]", 6718.29, "emission"),
-    ("[SII]", 6732.67, "emission"),
-)
+SPECTRAL_LINES = tuple((line.label, line.vacuum, line.kind) for line in LINES.values())
 IMAGE_COLUMN, SPECTRUM_COLUMN, REDSHIFT_COLUMN = "RGB_image", "spectrum", "redshift"
 BAND_NAMES = {c: c.removesuffix("_image") for c in EUCLID_BAND_COLUMNS}
 # what a gallery shows first when the table has it (fmb detect's fused score)

@@ -6,7 +6,8 @@ the registry (fmb.models.SURVEY_KINDS, plus kinds a family brings). Generators m
 
 Incomplete data: a generator taking `missing={modality: rate}` (`fmb data synth --missing
 spectra=0.7,metadata=0.3`) checks the names with `check_missing` and, per chunk, nulls whole
-modalities with `drop_modalities` and blanks single catalogue values with `blank_values`, drawing
+modalities with `drop_modalities` (or `missing_masks` then `null_modalities`, to know the holes
+first) and blanks single catalogue values with `blank_values`, drawing
 from `missing_rng(seed)`: a stream of its own, so the objects are the same with and without it.
 """
 
@@ -93,17 +94,30 @@ def missing_rows(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
     return rng.random(n) < rate if rate > 0.0 else np.zeros(n, bool)
 
 
+def missing_masks(n: int, rates: Mapping[str, float], modalities: Iterable[str],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """{modality: (n,) bool} of the n objects that lack it, for each of `modalities` with a rate above 0
+    (drawn one modality after the other, in their order); before the table exists, so a generator can
+    plant things only where they will be seen."""
+    return {name: missing_rows(n, rates[name], rng) for name in modalities if rates.get(name, 0.0) > 0.0}
+
+
+def null_modalities(table: pa.Table, masks: Mapping[str, np.ndarray],
+                    columns_by_modality: Mapping[str, Sequence[str]]) -> pa.Table:
+    """`table` with every column of a modality null in the rows of its mask (`missing_masks`); rows
+    already null stay null, columns the table lacks are left alone."""
+    for modality, rows in masks.items():
+        table = null_rows(table, [c for c in columns_by_modality[modality] if c in table.column_names], rows)
+    return table
+
+
 def drop_modalities(table: pa.Table, rates: Mapping[str, float], columns_by_modality: Mapping[str, Sequence[str]],
                     rng: np.random.Generator) -> pa.Table:
     """`table` with every column of a modality null for a random `rates[modality]` share of its rows
     (each modality drawn independently; rows already null stay null). Modalities without a rate,
     or columns the table lacks, are left alone."""
-    for modality, columns in columns_by_modality.items():
-        rate = rates.get(modality, 0.0)
-        if rate <= 0.0:
-            continue
-        table = null_rows(table, [c for c in columns if c in table.column_names], missing_rows(table.num_rows, rate, rng))
-    return table
+    masks = missing_masks(table.num_rows, rates, columns_by_modality, rng)
+    return null_modalities(table, masks, columns_by_modality)
 
 
 def null_rows(table: pa.Table, columns: Sequence[str], rows: np.ndarray) -> pa.Table:

@@ -19,8 +19,9 @@ from fmb.data.images import encode_png
 from fmb.data.synth import (
     check_missing,
     chunk_bounds,
-    drop_modalities,
+    missing_masks,
     missing_rng,
+    null_modalities,
     write_parquet,
 )
 from fmb.data.synth import galaxies as gal
@@ -103,8 +104,12 @@ def chunk_table(chunk: Chunk, first_id: int = 0, anomalies: np.ndarray | None = 
     """The chunk's rows in the published schema, built from NumPy buffers (no per-pixel Python objects);
     with `anomalies` (the planted kinds, None for normal objects), a `truth_anomaly` column."""
     g, n = chunk.galaxies, len(chunk.galaxies)
-    # masked pixels (NaN) are black in the colour composite, as in survey cutouts
-    rgb = gal.asinh_rgb(*(np.nan_to_num(chunk.bands[b], nan=0.0) for b in ("NISP_H", "NISP_Y", "VIS")))
+    # a pixel masked (NaN) in any of the composite's bands is black in all three channels: the colour
+    # of the bands left would be false (a VIS-only hole would show as a red patch), and black is how
+    # a composite says "no data", so a masked patch looks the same whatever bands it covers
+    planes = [chunk.bands[b] for b in ("NISP_H", "NISP_Y", "VIS")]
+    masked = np.isnan(planes[0]) | np.isnan(planes[1]) | np.isnan(planes[2])
+    rgb = gal.asinh_rgb(*(np.where(masked, np.float32(0.0), plane) for plane in planes))
     ids = np.arange(n, dtype=np.int64)
     columns = {
         "object_id": pa.array(np.int64(2_600_000_000_000_000_000) + first_id + ids * 7919),
@@ -149,9 +154,10 @@ def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = O
           missing: dict[str, float] | None = None, anomalies: float = 0.0) -> Path:
     """Write `n` objects split into train and test shards under `out_dir/data/`, `chunk` objects at a
     time (memory stays flat as `n` grows). `missing` = {modality: rate} nulls that share of the
-    objects' image or spectrum (modalities: image, spectrum), after any planting. `anomalies` > 0
-    plants anomalies in that share of the objects (fmb.data.synth.planted) and adds `truth_anomaly`;
-    the other objects are the same as without."""
+    objects' image or spectrum (modalities: image, spectrum), the same objects with or without
+    anomalies. `anomalies` > 0 plants anomalies in that share of the objects (fmb.data.synth.planted),
+    each kind only on objects that keep a modality it is seen in, and adds `truth_anomaly`; the
+    other objects are the same as without."""
     rates = check_missing(missing, MISSING_COLUMNS, "euclid-desi")
     if not 0.0 <= anomalies <= 1.0:
         raise ConfigError(f"--anomalies {anomalies}: a rate is a share of objects, between 0 and 1")
@@ -172,5 +178,9 @@ def write(out_dir: Path, n: int, seed: int, image_size: int = 64, chunk: int = O
 def _chunk(n: int, seed: int, image_size: int, first_id: int, anomalies: float, rates: dict[str, float],
            holes: np.random.Generator) -> pa.Table:
     objects = make_chunk(n, seed, image_size)
-    kinds = plant(objects, anomalies, anomaly_rng(seed)) if anomalies > 0 else None
-    return drop_modalities(chunk_table(objects, first_id, kinds), rates, MISSING_COLUMNS, holes)
+    # the holes first, so anomalies are planted only where they stay visible
+    lacks = missing_masks(n, rates, MISSING_COLUMNS, holes)
+    kinds = None
+    if anomalies > 0:
+        kinds = plant(objects, anomalies, anomaly_rng(seed), {name: ~rows for name, rows in lacks.items()})
+    return null_modalities(chunk_table(objects, first_id, kinds), lacks, MISSING_COLUMNS)

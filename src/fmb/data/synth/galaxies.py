@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fmb.data.spectral_lines import rest_wavelengths
 from fmb.data.surveys.euclid_desi import DESI_WAVELENGTH
 
-# Rest-frame lines (Angstrom). Emission: [OII], Hbeta, [OIII] x2, [NII] x2, Halpha, [SII] x2.
-EMISSION_LINES = np.array([3727.1, 4861.3, 4958.9, 5006.8, 6548.0, 6562.8, 6583.5, 6716.4, 6730.8])
+# Rest-frame lines (vacuum Angstrom, fmb.data.spectral_lines) and their strengths (emission: relative to Halpha)
+EMISSION_LINES = rest_wavelengths(("[OII]", "Hbeta", "[OIII]4960", "[OIII]5008", "[NII]6550", "Halpha", "[NII]6585",
+                                   "[SII]6718", "[SII]6733"))
 EMISSION_RATIOS = np.array([1.2, 0.35, 0.25, 0.75, 0.12, 1.0, 0.35, 0.2, 0.15])
-# Absorption: Ca K, Ca H, G band, Mg b, Na D.
-ABSORPTION_LINES = np.array([3933.7, 3968.5, 4304.4, 5175.4, 5892.9])
+ABSORPTION_LINES = rest_wavelengths(("CaK", "CaH", "Gband", "Mgb", "NaD"))
 ABSORPTION_DEPTHS = np.array([0.35, 0.3, 0.15, 0.18, 0.12])
 
 # Band wavelength ranges (Angstrom) used to average the SED.
@@ -41,6 +42,7 @@ BANDS = {
 }
 
 EARLY, LATE = 0, 1
+QUASAR = 2  # never drawn: the truth_type of a planted quasar (fmb.data.synth.planted)
 SED_BLOCK = 16  # objects per block when evaluating SEDs on the 7781-pixel DESI grid
 # relative DESI noise along the grid: higher at the red end (sky lines)
 DESI_SKY = 1.0 + 0.8 * (DESI_WAVELENGTH > 7600) + 0.5 * np.sin(DESI_WAVELENGTH / 37.0) ** 8
@@ -52,7 +54,7 @@ class Galaxies:
     """Latent truth of n galaxies."""
 
     redshift: np.ndarray
-    kind: np.ndarray  # EARLY or LATE
+    kind: np.ndarray  # EARLY or LATE (QUASAR once planted)
     temperature: np.ndarray  # continuum colour temperature (K)
     break_depth: np.ndarray  # 4000 A break
     line_strength: np.ndarray  # emission-line equivalent strength (0 for early types)

@@ -8,11 +8,12 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 - satellite_streak: a straight trail across the VIS cutout (VIS only: NISP images the field at
   another time).
 - bleed_trail: a saturated star near the galaxy in every band, flat at each band's saturation level,
-  with charge bled along the VIS CCD column.
+  with the charge above it bled along the VIS CCD column (the brighter the star, the longer the trail).
 - cosmic_rays: 5-25 sharp hits and short tracks, not PSF-blurred, in VIS.
-- masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band.
+- masked_patch: a rectangle of NaN (bad or unexposed pixels) in VIS and, half the time, in each NISP band;
+  black in all three channels of the RGB composite.
 - lens_arc: a tangential arc and a fainter counter-image at an Einstein radius of 0.6-1.5 arcsec, bluer
-  than the deflector.
+  than the deflector, which becomes a massive early type (at z 0.2-0.9 if it was nearer).
 - extreme_emission: an extreme emission-line galaxy: compact, hot, emission lines 10-30 times stronger.
 - quasar: a point source with a power-law continuum and broad (FWHM ~ 4700 km/s) lines.
 - merger: a companion galaxy at the same redshift 0.8-2 half-light radii away, in the images,
@@ -20,25 +21,29 @@ the kind is stored in `truth_anomaly` (null for the others). Each kind is someth
 
 Only the chosen objects change, drawn from a random stream of their own: the other objects are the
 same as without anomalies. The truth columns follow the change (an extreme emission-line galaxy is
-late-type, a quasar has a half-light radius of 0), and the kinds seen in the spectrum always have
-one. Everything is vectorised over the objects of one kind in a chunk.
+late-type, a lens deflector early-type, a quasar has truth_type 2, galaxies.QUASAR, and a half-light
+radius of 0), and the kinds seen in the spectrum always have one. With modalities missing (`--missing`), each kind is planted only on objects that keep a
+modality it is seen in (`SEEN_IN`): a chosen object that lacks it gets another kind it can show, and
+one with neither image nor spectrum stays normal, so a label is never an anomaly no one could see.
+Everything is vectorised over the objects of one kind in a chunk.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fmb.data.spectral_lines import rest_wavelengths
 from fmb.data.synth import galaxies as gal
 
 if TYPE_CHECKING:
     from fmb.data.synth.euclid_desi import Chunk
 
-# Quasar lines, rest Angstrom: Lya, CIV, CIII], MgII, Hgamma, Hbeta, [OIII] (narrow), Halpha; EW (A).
-QUASAR_LINES = np.array([1215.7, 1549.1, 1908.7, 2798.8, 4340.5, 4861.3, 5006.8, 6562.8])
+# Quasar lines (vacuum rest Angstrom, fmb.data.spectral_lines), [OIII] narrow; EW (A).
+QUASAR_LINES = rest_wavelengths(("Lya", "CIV", "CIII]", "MgII", "Hgamma", "Hbeta", "[OIII]5008", "Halpha"))
 QUASAR_EW = np.array([80.0, 35.0, 20.0, 30.0, 25.0, 60.0, 15.0, 250.0])
 QUASAR_BROAD = np.array([True, True, True, True, True, True, False, True])
 BROAD_SIGMA_KMS, NARROW_SIGMA_KMS = 2000.0, 150.0
@@ -52,12 +57,21 @@ def anomaly_rng(seed: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(b"anomalies")])
 
 
-def plant(chunk: Chunk, rate: float, rng: np.random.Generator) -> np.ndarray:
+def plant(chunk: Chunk, rate: float, rng: np.random.Generator,
+          present: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Change a random `rate` share of the chunk's objects in place; (n,) object array of the kinds
-    (None for the objects left alone)."""
+    (None for the objects left alone). `present` = {modality: (n,) bool} says which objects will keep
+    their image and spectrum (all, for a modality not named)."""
     n = len(chunk.galaxies)
     chosen = rng.random(n) < rate
     kind = rng.integers(len(KINDS), size=n)
+    shows = _shows(present or {}, n)
+    unseen = chosen & ~shows[np.arange(n), kind]
+    if unseen.any():  # no draw otherwise: the anomalies without missing modalities stay the same
+        options = shows[unseen]
+        pick = np.floor(rng.random(len(options)) * options.sum(axis=1))  # uniform among the kinds it shows
+        kind[unseen] = np.argmax(options.cumsum(axis=1) > pick[:, None], axis=1)
+        chosen[unseen] = options.any(axis=1)
     labels = np.full(n, None, dtype=object)
     for index, (name, change) in enumerate(KINDS.items()):
         rows = np.flatnonzero(chosen & (kind == index))
@@ -65,6 +79,13 @@ def plant(chunk: Chunk, rate: float, rng: np.random.Generator) -> np.ndarray:
             change(chunk, rows, rng)
             labels[rows] = name
     return labels
+
+
+def _shows(present: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """(n, kinds) bool: whether each object keeps what each kind is seen in (`SEEN_IN`)."""
+    has = {modality: np.asarray(present.get(modality, np.ones(n, bool)), bool) for modality in ("image", "spectrum")}
+    return np.stack([np.any([np.all([has[m] for m in needed], axis=0) for needed in SEEN_IN[name]], axis=0)
+                     for name in KINDS], axis=1)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -112,7 +133,7 @@ def spectrum_mismatch(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) 
     z = chunk.galaxies.redshift[rows]
     step = rng.uniform(0.15, 0.6, k) * rng.choice([-1.0, 1.0], k)
     away = z + step
-    donors.redshift = np.where((away < 0.03) | (away > 1.5), z - step, away).clip(0.03, 1.8)
+    donors.redshift = np.where((away < 0.03) | (away > 1.5), z - step, away)
     chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(donors, rng)
     chunk.has_spectrum[rows] = True
 
@@ -130,7 +151,7 @@ def satellite_streak(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -
 def bleed_trail(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     k, size = len(rows), chunk.bands["VIS"].shape[-1]
     position = _off_centre(k, size, rng, least=6.0)
-    overflow = rng.uniform(5.0, 50.0, k)  # star peak over the saturation level
+    overflow = np.exp(rng.uniform(np.log(5.0), np.log(50.0), k))  # star peak over the saturation level; faint ones commoner
     colour = rng.uniform(0.5, 1.5, (k, len(chunk.bands)))
     y_index, x_index = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     centre = np.rint(position + (size - 1) / 2.0).astype(int)
@@ -139,8 +160,10 @@ def bleed_trail(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> Non
         saturation = np.maximum(1.5 * image.max(axis=(1, 2)), 300.0 * chunk.sky[band])
         star = _point_sources(position, size, chunk.psf_sigma[band])
         image += star / star.max(axis=(1, 2), keepdims=True) * _column(saturation * overflow * colour[:, b])
-        if band == "VIS":  # a CCD: the overflowing charge runs along the column, both ways
-            length = _column(np.rint(rng.uniform(4.0, 15.0, k)))
+        if band == "VIS":  # a CCD: the charge above the full well runs along the column, both ways, as far
+            # as it takes to hold it, so a brighter star bleeds longer
+            excess = np.clip(image - _column(saturation), 0.0, None).sum(axis=(1, 2)) / saturation
+            length = _column(np.rint(np.clip(excess / 2.0, 2.0, size)))
             trail = (x_index[None] == _column(centre[:, 1])) & (np.abs(y_index[None] - _column(centre[:, 0])) <= length)
             image = np.where(trail, _column(saturation), image)
         images[rows] = np.minimum(image, _column(saturation)).astype(np.float32)
@@ -178,8 +201,21 @@ def masked_patch(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> No
 
 def lens_arc(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     k, size = len(rows), chunk.bands["VIS"].shape[-1]
+    # the deflector becomes what galaxy-scale lenses mostly are: a massive early type at z 0.2-0.9,
+    # not a nearby dwarf (whose core would hide an arc of an arcsecond)
+    g = chunk.galaxies.take(rows)
+    g.kind[:] = gal.EARLY
+    g.redshift = np.where(g.redshift < 0.2, rng.uniform(0.2, 0.9, k), g.redshift)
+    g.luminosity = np.maximum(g.luminosity, 1.0) * rng.uniform(2.0, 4.0, k)
+    g.half_light_kpc = rng.lognormal(np.log(5.0), 0.3, k)
+    g.temperature = rng.normal(4600.0, 400.0, k).clip(3500.0, 15000.0)
+    g.break_depth = rng.uniform(0.35, 0.55, k)
+    g.line_strength = np.zeros(k)
+    g.sersic_n = rng.uniform(3.0, 5.0, k)
+    g.axis_ratio = rng.uniform(0.6, 1.0, k)
+    _become(chunk, rows, g, rng)
     yy, xx = _grid(size)
-    einstein = _column(np.minimum(rng.uniform(6.0, 15.0, k), 0.4 * size))  # 0.6-1.5 arcsec
+    einstein = _column(np.minimum(rng.uniform(0.6, 1.5, k) / chunk.pixel_scale, 0.4 * size))  # arcsec -> px
     radius, theta = np.sqrt(yy**2 + xx**2), np.arctan2(yy, xx)
     direction = _column(rng.uniform(0.0, 2.0 * np.pi, k))
     extent = _column(rng.uniform(0.4, 1.2, k))  # radians, half-width of the arc
@@ -207,15 +243,7 @@ def extreme_emission(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -
     g.break_depth = rng.uniform(0.0, 0.05, k)
     g.half_light_kpc = g.half_light_kpc * 0.4
     g.sersic_n = rng.uniform(0.8, 1.5, k)
-    radius = gal.angular_half_light_pixels(g, chunk.pixel_scale)
-    fluxes = gal.band_fluxes(g, list(chunk.fluxes))
-    size = chunk.bands["VIS"].shape[-1]
-    profiles = {band: gal.sersic_images(g, size, radius, chunk.psf_sigma[band]) for band in chunk.bands}
-    _redraw(chunk, rows, profiles, fluxes, rng)
-    for name, value in vars(g).items():
-        getattr(chunk.galaxies, name)[rows] = value
-    chunk.radius[rows] = radius
-    chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(g, rng)
+    _become(chunk, rows, g, rng)
     chunk.has_spectrum[rows] = True
 
 
@@ -238,6 +266,7 @@ def quasar(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     centre = np.zeros((k, 2))
     profiles = {band: _point_sources(centre, size, chunk.psf_sigma[band]) for band in chunk.bands}
     _redraw(chunk, rows, profiles, fluxes, rng)
+    chunk.galaxies.kind[rows] = gal.QUASAR
     chunk.radius[rows] = 0.0
     chunk.flux[rows], chunk.error[rows] = gal.desi_noise(sed(gal.DESI_WAVELENGTH), rng)
     chunk.has_spectrum[rows] = True
@@ -262,6 +291,20 @@ def merger(chunk: Chunk, rows: np.ndarray, rng: np.random.Generator) -> None:
     chunk.flux[rows] += (0.5 * gal.observed_sed(companion, gal.DESI_WAVELENGTH)).astype(np.float32)
 
 
+def _become(chunk: Chunk, rows: np.ndarray, g: gal.Galaxies, rng: np.random.Generator) -> None:
+    """Replace the objects at `rows` by the galaxies `g`: truth, images, photometry and spectrum (which
+    stays null where it was)."""
+    radius = gal.angular_half_light_pixels(g, chunk.pixel_scale)
+    fluxes = gal.band_fluxes(g, list(chunk.fluxes))
+    size = chunk.bands["VIS"].shape[-1]
+    profiles = {band: gal.sersic_images(g, size, radius, chunk.psf_sigma[band]) for band in chunk.bands}
+    _redraw(chunk, rows, profiles, fluxes, rng)
+    for name, value in vars(g).items():
+        getattr(chunk.galaxies, name)[rows] = value
+    chunk.radius[rows] = radius
+    chunk.flux[rows], chunk.error[rows] = gal.desi_spectra(g, rng)
+
+
 def _redraw(chunk: Chunk, rows: np.ndarray, profiles: dict[str, np.ndarray], fluxes: dict[str, np.ndarray],
             rng: np.random.Generator) -> None:
     """Replace the objects' images by unit-flux `profiles` scaled to their new `fluxes`, with the
@@ -283,4 +326,16 @@ KINDS: dict[str, Callable[[Chunk, np.ndarray, np.random.Generator], None]] = {
     "extreme_emission": extreme_emission,
     "quasar": quasar,
     "merger": merger,
+}
+# where each kind is seen: the object must keep all the modalities of one of these sets
+SEEN_IN: dict[str, tuple[tuple[str, ...], ...]] = {
+    "spectrum_mismatch": (("image", "spectrum"),),  # a spectrum that disagrees with the imaged object
+    "satellite_streak": (("image",),),
+    "bleed_trail": (("image",),),
+    "cosmic_rays": (("image",),),
+    "masked_patch": (("image",),),
+    "lens_arc": (("image",),),
+    "extreme_emission": (("image",), ("spectrum",)),  # compact and hot, or the lines
+    "quasar": (("image",), ("spectrum",)),  # a point source, or the broad lines
+    "merger": (("image",),),  # the companion's lines sit at the host's redshift
 }
