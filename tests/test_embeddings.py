@@ -49,6 +49,15 @@ def test_resuming_with_another_embedding_width_names_the_part_and_column(tmp_pat
     assert pq.read_table(parts.finish(2)).num_rows == 4
 
 
+def test_embedding_table_owns_its_buffers():
+    """`fmb embed` keeps a chunk's tables across batches: they must not hold the caller's arrays."""
+    ids, vectors = np.arange(4, dtype=np.int64), np.arange(12, dtype=np.float32).reshape(4, 3)
+    table = embedding_table(ids, {}, {"joint": vectors})
+    ids[:], vectors[:] = -1, -1.0
+    assert table.column("object_id").to_pylist() == [0, 1, 2, 3]
+    assert table.column("embedding_joint").to_pylist()[3] == [9.0, 10.0, 11.0]
+
+
 def test_joint_embedding_uses_the_modalities_present():
     a, b = torch.tensor([[3.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 5.0]])
     joint = joint_embedding({"a": a, "b": b}, {"a": torch.tensor([True, True]), "b": torch.tensor([True, False])})
