@@ -112,7 +112,7 @@ class ChunkRows:
     chunk, and made into one embedding table when the chunk is done. Keeping a table per batch
     instead held a few hundred small allocations per batch (Arrow's objects, NumPy copies) for the
     whole chunk, scattered through the C heap between each batch's large short-lived buffers, which
-    the heap then could not reuse: +50-95 MiB of resident memory (docs/benchmarks.md, memory)."""
+    the heap then could not reuse: +20-45 MiB of resident memory (docs/benchmarks.md, memory)."""
 
     def __init__(self, rows: int) -> None:
         self.rows = rows
