@@ -10,6 +10,7 @@ import torch
 
 from fmb.embeddings import EmbeddingParts, embedding_table, joint_embedding, load_embeddings
 from fmb.errors import DataError
+from fmb.train.embed import ChunkRows
 
 
 def test_parts_join_in_chunk_order_with_nulls_for_absent_modalities(tmp_path):
@@ -47,6 +48,23 @@ def test_resuming_with_another_embedding_width_names_the_part_and_column(tmp_pat
         parts.write_chunk(1, [embedding_table(np.arange(2, 4), {}, {"image": torch.randn(2, 10)})])  # a newer pooling
     parts.write_chunk(1, [embedding_table(np.arange(2, 4), {}, {"image": torch.randn(2, 5)})])  # the same width continues
     assert pq.read_table(parts.finish(2)).num_rows == 4
+
+
+def test_a_chunk_gathers_its_batches_into_arrays_allocated_once():
+    """`fmb embed` keeps nothing per batch across a chunk (docs/benchmarks.md, memory): the rows land in
+    arrays made at the chunk's first batch, and the chunk's table equals one built from all rows."""
+    ids, redshift, vectors = torch.arange(5), torch.linspace(0, 1, 5, dtype=torch.float64), torch.randn(5, 3)
+    present, text = torch.tensor([True, False, True, True, False]), ["", "streak", "", "", "glint"]
+    gathered = ChunkRows(5)
+    for rows in (slice(0, 3), slice(3, 5)):
+        gathered.add(len(ids[rows]), ids[rows], {"redshift": redshift[rows], "truth_anomaly": text[rows]},
+                     {"joint": vectors[rows].to(torch.bfloat16)}, {"joint": present[rows]})
+        if rows.start == 0:
+            first = {key: values for key, values in gathered.columns.items() if isinstance(values, np.ndarray)}
+    assert all(gathered.columns[key] is values for key, values in first.items())
+    expected = embedding_table(ids, {"redshift": redshift, "truth_anomaly": text},
+                               {"joint": vectors.to(torch.bfloat16).float()}, {"joint": present})
+    assert gathered.table().equals(expected)
 
 
 def test_joint_embedding_uses_the_modalities_present():

@@ -121,8 +121,10 @@ class EmbeddingParts:
         tmp = out.with_name(out.name + ".tmp")
         schema = schema.remove_metadata()
         with pq.ParquetWriter(tmp, schema) as writer:
+            # without pre-buffering, which added 8-23 MiB to the peak of `fmb embed` at 16 parts
             for file in files:
-                writer.write_table(pq.read_table(file).cast(schema))
+                with pq.ParquetFile(file, pre_buffer=False) as part:
+                    writer.write_table(part.read(use_threads=False).cast(schema))
         os.replace(tmp, out)
         shutil.rmtree(self.directory, ignore_errors=True)
         return out

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 from tqdm import tqdm
@@ -106,6 +107,44 @@ class ChunkBatches(Sampler[list[int]]):
         return len(self.plan)
 
 
+class ChunkRows:
+    """One chunk's embedding outputs, gathered batch by batch into arrays allocated once for the whole
+    chunk, and made into one embedding table when the chunk is done. Keeping a table per batch
+    instead held a few hundred small allocations per batch (Arrow's objects, NumPy copies) for the
+    whole chunk, scattered through the C heap between each batch's large short-lived buffers, which
+    the heap then could not reuse: +20-45 MiB of resident memory (docs/benchmarks.md, memory)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.filled = 0
+        self.columns: dict[tuple[str, str], np.ndarray | list] = {}  # (kind, name) -> values of the chunk
+
+    def add(self, n: int, ids: Any, targets: dict[str, Any], vectors: dict[str, Any], present: dict[str, Any]) -> None:
+        for kind, values in (("ids", {"": ids}), ("targets", targets), ("vectors", vectors), ("present", present)):
+            for name, value in values.items():
+                value = _host_array(value)
+                if not isinstance(value, np.ndarray):  # strings (ids of some surveys, text truth): a list
+                    self.columns.setdefault((kind, name), []).extend(value)
+                    continue
+                if (kind, name) not in self.columns:
+                    self.columns[kind, name] = np.empty((self.rows, *value.shape[1:]), value.dtype)
+                self.columns[kind, name][self.filled:self.filled + n] = value
+        self.filled += n
+
+    def table(self) -> pa.Table:
+        def of(kind: str) -> dict[str, Any]:
+            return {name: values[:self.filled] for (k, name), values in self.columns.items() if k == kind}
+        return embedding_table(of("ids")[""], of("targets"), of("vectors"), of("present"))
+
+
+def _host_array(value: Any) -> Any:
+    """A batch's column as a host NumPy array (half-precision tensors as float32); lists stay lists."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
+    return value
+
+
 def run_embed(family: Any, checkpoint: Path, out: Path, options: EmbedOptions) -> EmbedResult:
     """Embed with a checkpoint of `family` (a registry record) into `out`."""
     from fmb.train.trainer import BaseTrainer
@@ -179,7 +218,7 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
                          drop_last=False, seed=trainer.cfg.seed, batch_sampler=sampler)
     start = time.perf_counter()
     faults, chunk_faults = FaultCounter(), FaultCounter()
-    tables = []
+    gathered: ChunkRows | None = None
     bar = tqdm(total=sum(len(rows) for _, rows, _ in sampler.plan), desc=f"embed {trainer.family}", unit="obj",
                disable=not (dist.is_main and sys.stderr.isatty()))
     with torch.no_grad():
@@ -194,14 +233,15 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
             targets = batch.get("targets", {}) if isinstance(batch, dict) else {}
             with env.autocast():
                 result = trainer.embed_batch(model, to_device(batch, env.device))
+            if gathered is None:
+                gathered = ChunkRows(min((chunk + 1) * options.chunk_rows, total) - chunk * options.chunk_rows)
             names = [split_names[s] for s in split_of_row[rows]]
-            tables.append(embedding_table(result.ids if result.ids is not None else ids,
-                                          {**_host(targets), **result.targets, "split": names},
-                                          result.vectors, result.present))
+            gathered.add(len(rows), result.ids if result.ids is not None else ids,
+                         {**targets, **result.targets, "split": names}, result.vectors, result.present)
             bar.update(len(rows))
             if last:
-                parts.write_chunk(chunk, tables, chunk_faults.as_record())
-                faults, chunk_faults, tables = FaultCounter.combined([faults.as_record(), chunk_faults.as_record()]), FaultCounter(), []
+                parts.write_chunk(chunk, [gathered.table()], chunk_faults.as_record())
+                faults, chunk_faults, gathered = FaultCounter.combined([faults.as_record(), chunk_faults.as_record()]), FaultCounter(), None
     bar.close()
     seconds = time.perf_counter() - start
     barrier(dist)
@@ -213,8 +253,3 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
         parts.finish(n_chunks)
     counts = dict(zip(split_names, (len(ds) for _, ds in parts_of_splits), strict=True))
     return EmbedResult(out=parts.out, rows=len(dataset), splits=counts, seconds=seconds, faults=total_faults.counts)
-
-
-def _host(targets: dict[str, Any]) -> dict[str, Any]:
-    """Target columns of a collated batch as NumPy arrays / lists (tensors stay on the host)."""
-    return {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in targets.items()}
