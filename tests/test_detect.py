@@ -96,6 +96,8 @@ def test_percentiles_share_ties_and_fusion_modes():
         np.testing.assert_allclose(anomaly.fuse([a, b], "min"), [0.25, 0.5, 0.8, np.nan])
         np.testing.assert_allclose(anomaly.fuse([a, b], "mean"), [0.625, 0.5, 0.8, np.nan])
         np.testing.assert_allclose(anomaly.fuse([a, b], "max"), [1.0, 0.5, 0.8, np.nan])
+    # +inf is the most anomalous score there is, not a missing one
+    np.testing.assert_allclose(anomaly.percentile(np.array([1.0, np.inf, 2.0, np.nan])), [1 / 3, 1.0, 2 / 3, np.nan])
     with pytest.raises(ConfigError, match="choose gmean, min, mean, max"):
         anomaly.fuse([a], "median")
 
@@ -191,6 +193,36 @@ def test_truth_from_a_joined_data_file_and_anomaly_neighbourhoods(tmp_path):
     neighbours = pa_csv.read_csv(tmp_path / "out" / "neighbours.csv").to_pylist()
     own = next(r for r in neighbours if r["what"].startswith("share of a lens"))
     assert own["value"] == 1.0 and own["baseline"] == pytest.approx(0.04)  # ...which the neighbour table shows
+
+
+def test_objects_the_truth_table_lacks_are_left_out_not_counted_normal(tmp_path, caplog):
+    need("sklearn")
+    x = cluster_and_outlier(n=99)  # the outlier is object 99
+    path = write_file(tmp_path / "e.parquet", np.arange(100), {"joint": x})
+    # the table knows 40 objects: the outlier (planted) and 39 normal ones
+    truth = pa.table({"object_id": np.arange(60, 100), "truth_anomaly": [None] * 39 + ["odd"]})
+    pq.write_table(truth, tmp_path / "truth.parquet")
+    with caplog.at_level(logging.WARNING, logger="fmb"):
+        result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("knn",), k=8),
+                        truth_file=str(tmp_path / "truth.parquet"))
+    assert "60 of 100 objects have no row" in caplog.text
+    row = next(r for r in pa_csv.read_csv(tmp_path / "out" / "truth.csv").to_pylist()
+               if r["score"] == "e/joint/knn" and r["kind"] == "any")
+    assert row["positives"] == 1 and row["prevalence"] == pytest.approx(1 / 40) and row["auroc"] == 1.0
+    written = pq.read_table(tmp_path / "out" / "anomalies.parquet").to_pydict()
+    by_id = dict(zip(written["object_id"], written["truth_anomaly"], strict=True))
+    assert by_id[99] == "odd" and by_id[60] is None and by_id[0] is None
+    assert result.truth[99] == "odd"
+
+
+def test_a_threshold_on_anomaly_score_is_the_overall_score_alone(tmp_path):
+    images, spectra = aligned_pair(n=100)
+    a = write_file(tmp_path / "a.parquet", np.arange(100), {"image": images, "spectrum": spectra})
+    b = write_file(tmp_path / "b.parquet", np.arange(100), {"image": images[::-1].copy(), "spectrum": spectra})
+    result = detect([str(a), str(b)], tmp_path / "out",
+                    DetectOptions(scorers=("mismatch",), thresholds={"anomaly_score": 0.8}))
+    overall = anomaly.percentile(result.anomaly_score)
+    np.testing.assert_array_equal(result.selected, ~(overall < 0.8))
 
 
 def test_two_models_fused_and_compared(tmp_path):

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from fmb.embeddings import EmbeddingFile
 from fmb.errors import ConfigError, DataError
 from fmb.evaluation import anomaly
-from fmb.evaluation.catalog import Catalog, join, read_catalog
+from fmb.evaluation.catalog import Catalog, comparable_ids, join, read_catalog
 
 if TYPE_CHECKING:
     from fmb.evaluation.detect import Detection, DetectOptions
@@ -38,6 +38,13 @@ TRUTH_COLUMN = "truth_anomaly"
 RECALL_AT = (0.01, 0.05)
 TRUTH_FIELDS = ["model", "score", "kind", "positives", "scored", "prevalence", "auroc", "average_precision",
                 "recall_top1", "recall_top5"]
+
+
+UNKNOWN = np.nan  # the truth of an object the truth table lacks (None is a normal object, text a kind)
+
+
+def is_kind(value: object) -> bool:
+    return isinstance(value, str)
 
 
 def normal_labels(values: np.ndarray) -> np.ndarray:
@@ -53,7 +60,14 @@ def find_truth(files: list[EmbeddingFile], ids: np.ndarray, truth_file: str | No
     """The anomaly kind of each object (None: normal), from `truth_file` if given, else from the
     first embedding file with a `truth_anomaly` column; None when neither has one."""
     if truth_file is not None:
-        return normal_labels(join(read_truth(truth_file, id_column), ids, "the embedding files")[TRUTH_COLUMN])
+        catalog = read_truth(truth_file, id_column)
+        truth = normal_labels(join(catalog, ids, "the embedding files")[TRUTH_COLUMN])
+        unknown = ~np.isin(comparable_ids(ids, catalog.ids), catalog.ids)
+        if unknown.any():  # not in the truth table: neither normal nor planted, left out of the metrics
+            log.warning(f"{truth_file}: {int(unknown.sum())} of {len(ids)} objects have no row; their truth is "
+                        "unknown and they are left out of the truth metrics")
+            truth[unknown] = UNKNOWN
+        return truth
     for f in files:
         if TRUTH_COLUMN in f.targets:
             return normal_labels(f.targets[TRUTH_COLUMN])
@@ -85,14 +99,15 @@ def truth_rows(result: Detection) -> list[dict]:
     """Per model, score and anomaly kind (and `any`): AUROC, AP, recall in the top 1% / 5%."""
     metrics = anomaly.discovery_import("sklearn.metrics")
     truth = result.truth
-    kinds = sorted({v for v in truth if v is not None})
+    kinds = sorted({v for v in truth if is_kind(v)})
     normal = np.array([v is None for v in truth])
+    planted = np.array([is_kind(v) for v in truth])
     rows = []
     for model, name, values in scored_series(result):
         finite = np.isfinite(values)
         top = {q: top_mask(values, q) for q in RECALL_AT}
         for kind in [*kinds, "any"]:
-            positive = ~normal if kind == "any" else np.array([v == kind for v in truth])
+            positive = planted if kind == "any" else np.array([v == kind for v in truth])
             use = finite & (positive | normal)
             y = positive[use]
             row = {"model": model, "score": name, "kind": kind, "positives": int(positive.sum()),
@@ -189,7 +204,7 @@ def neighbour_rows(result: Detection) -> list[dict]:
         if result.truth is not None:
             kinds = result.truth[scored]
             neighbour_kinds = result.truth[neighbour_rows_global]
-            for kind in sorted({v for v in kinds if v is not None}):
+            for kind in sorted({v for v in kinds if is_kind(v)}):
                 mine = kinds == kind
                 same = (neighbour_kinds[mine] == kind).mean()
                 rows.append({"graph": graph, "anomalies_by": "truth", "neighbours_scored_by": "truth",

@@ -231,10 +231,10 @@ def mapped_mismatch(a: np.ndarray, b: np.ndarray, folds: int = 5, alpha: float =
 
 
 def percentile(scores: np.ndarray) -> np.ndarray:
-    """Rank / n in (0, 1] over the finite scores, 1 for the most anomalous; ties share their mean
-    rank; NaN where the score is NaN."""
+    """Rank / n in (0, 1] over the scores that are not NaN (+inf ranks most anomalous), 1 for the
+    most anomalous; ties share their mean rank; NaN where the score is NaN."""
     out = np.full(len(scores), np.nan)
-    finite = np.isfinite(scores)
+    finite = ~np.isnan(scores)
     if finite.any():
         _, inverse, counts = np.unique(scores[finite], return_inverse=True, return_counts=True)
         mean_rank = np.cumsum(counts) - (counts - 1) / 2.0

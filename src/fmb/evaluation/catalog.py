@@ -149,7 +149,7 @@ def _target_values(values: np.ndarray, sentinels: tuple[float, ...]) -> tuple[np
 
 def join(catalog: Catalog, ids: np.ndarray, what: str) -> dict[str, np.ndarray]:
     """The catalogue's targets for `ids` (missing where unmatched); reports matched and unmatched counts."""
-    ids = _comparable(ids, catalog.ids)
+    ids = comparable_ids(ids, catalog.ids)
     order = np.argsort(catalog.ids, kind="stable")
     sorted_ids = catalog.ids[order]
     position = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
@@ -176,7 +176,7 @@ def join(catalog: Catalog, ids: np.ndarray, what: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _comparable(ids: np.ndarray, catalog_ids: np.ndarray) -> np.ndarray:
+def comparable_ids(ids: np.ndarray, catalog_ids: np.ndarray) -> np.ndarray:
     """Embedding ids in the catalogue's id type (integers stay integers; otherwise compared as text)."""
     if catalog_ids.dtype.kind == "i" and ids.dtype.kind in "iu":
         return ids.astype(np.int64)

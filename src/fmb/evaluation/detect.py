@@ -6,7 +6,8 @@ missing, non-finite or of zero norm are excluded and counted: those objects get 
 column's scores (a missing modality is normal; the object is still ranked by its other scores).
 
 Each score (named `model/column/scorer`, see `fmb.evaluation.anomaly`) becomes a percentile rank;
-a model's percentiles are fused (geometric mean, minimum or mean of those an object has) into
+a model's percentiles are fused (`--fusion`: mean, the default, geometric mean, minimum or maximum
+of those an object has) into
 `model/anomaly_score`, re-ranked, and the models' ranks fused the same way into `anomaly_score`.
 Optional thresholds keep the objects at or above a percentile of named scores (`selected`).
 
@@ -234,7 +235,9 @@ def score_file(f: EmbeddingFile, model: str, options: DetectOptions, pairs: dict
 
 def matching_scores(key: str, names: list[str]) -> list[str]:
     """Scores a threshold key names: a full name, a scorer (`knn`), or a glob (`astropt/*/flow`)."""
-    return [n for n in names if n == key or n.rsplit("/", 1)[-1] == key or fnmatch.fnmatchcase(n, key)]
+    # a bare scorer name matches model/column/scorer only, so `anomaly_score` is the overall score alone
+    return [n for n in names if n == key or (n.count("/") == 2 and n.rsplit("/", 1)[-1] == key)
+            or fnmatch.fnmatchcase(n, key)]
 
 
 def detect(paths: list[str], out_dir: Path, options: DetectOptions | None = None, truth_file: str | None = None,
@@ -318,7 +321,7 @@ def output_table(result: Detection, order: np.ndarray) -> pa.Table:
     columns: dict[str, object] = {"object_id": result.ids[order], "anomaly_score": result.anomaly_score[order],
                                   "selected": result.selected[order]}
     if result.truth is not None:
-        columns[TRUTH_COLUMN] = pa.array(result.truth[order].tolist(), pa.string())
+        columns[TRUTH_COLUMN] = pa.array([v if agreement.is_kind(v) else None for v in result.truth[order]], pa.string())
     for model in result.models:
         if model in result.model_scores:
             columns[f"{model}/anomaly_score"] = result.model_scores[model][order]
