@@ -215,6 +215,20 @@ def test_objects_the_truth_table_lacks_are_left_out_not_counted_normal(tmp_path,
     assert result.truth[99] == "odd"
 
 
+def test_a_modality_no_object_has_is_left_out_not_an_error(tmp_path, caplog):
+    x = cluster_and_outlier(n=59)
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"object_id": np.arange(60), "embedding_image": list(x),
+                             "embedding_spectrum": pa.nulls(60, pa.list_(pa.float32()))}), path)
+    with caplog.at_level(logging.WARNING, logger="fmb"):
+        result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("knn",), k=8))
+    assert "embedding_spectrum is null for every object; left out" in caplog.text
+    assert [s.name for s in result.scores] == ["e/image/knn"] and result.ids[np.argmax(result.anomaly_score)] == 59
+    pq.write_table(pa.table({"object_id": np.arange(3), "embedding_image": pa.nulls(3, pa.list_(pa.float32()))}), path)
+    with pytest.raises(DataError, match="every embedding column is null for every object"):
+        detect([str(path)], tmp_path / "out2", DetectOptions(scorers=("knn",)))
+
+
 def test_a_threshold_on_anomaly_score_is_the_overall_score_alone(tmp_path):
     images, spectra = aligned_pair(n=100)
     a = write_file(tmp_path / "a.parquet", np.arange(100), {"image": images, "spectrum": spectra})

@@ -170,6 +170,8 @@ def load_embeddings(path: str | Path) -> EmbeddingFile:
     names = [c for c in table.column_names if c.startswith(EMBEDDING_PREFIX)]
     if not names:
         raise DataError(f"{path}: no '{EMBEDDING_PREFIX}*' columns; it has {', '.join(table.column_names)}")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
     ids = table.column("object_id").to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"{path}: object_id values are not unique")
@@ -180,7 +182,13 @@ def load_embeddings(path: str | Path) -> EmbeddingFile:
             log.info(f"{path}: column {name} read as {EMBEDDING_PREFIX}{OLD_NAMES[modality]} (the name before the "
                      "modality vocabulary was fixed)")
             modality = OLD_NAMES[modality]
-        embeddings[modality] = _matrix(table.column(name), path, name)
+        column = table.column(name)
+        if column.null_count == len(column):  # no object has that modality: normal, not an error
+            log.warning(f"{path}: column {name} is null for every object; left out")
+            continue
+        embeddings[modality] = _matrix(column, path, name)
+    if not embeddings:
+        raise DataError(f"{path}: every embedding column is null for every object ({', '.join(names)})")
     targets = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names
                if c != "object_id" and not c.startswith(EMBEDDING_PREFIX)}
     return EmbeddingFile(path.stem, path, ids, embeddings, targets)
@@ -190,8 +198,6 @@ def _matrix(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
     """(rows, width) float32 from a list column, NaN rows where the value is null (vectorised)."""
     array = column.combine_chunks()
     valid = ~array.is_null().to_numpy(zero_copy_only=False)
-    if not valid.any():
-        raise DataError(f"{path}: column {name} is empty (all null)")
     present = array if valid.all() else array.filter(pa.array(valid))  # filtering copies the whole column
     lengths = np.unique(present.value_lengths().to_numpy(zero_copy_only=False))
     if len(lengths) != 1:
