@@ -16,7 +16,6 @@ rather than alone). Tables as markdown + CSV; heatmaps with `--plots` (the `plot
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +24,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from fmb.embeddings import EmbeddingFile
-from fmb.errors import ConfigError, DataError
+from fmb.errors import DataError
 from fmb.evaluation import anomaly
 from fmb.evaluation.catalog import Catalog, comparable_ids, join, read_catalog
+from fmb.evaluation.plots import pyplot, save_figure
+from fmb.evaluation.run import write_csv
 
 if TYPE_CHECKING:
     from fmb.evaluation.detect import Detection, DetectOptions
@@ -197,7 +198,7 @@ def neighbour_rows(result: Detection) -> list[dict]:
         neighbour_rows_global = scored[nb.index]  # (rows, k) positions in the aligned objects
         top = top_mask(own[scored], 0.01)
         for other, values in result.model_scores.items():
-            pct = anomaly.percentile(values)[neighbour_rows_global]
+            pct = values[neighbour_rows_global]  # a model's fused score is a percentile already
             rows.append({"graph": graph, "anomalies_by": model, "neighbours_scored_by": other,
                          "what": "top 1% neighbours' mean percentile", "value": float(np.nanmean(pct[top])),
                          "baseline": float(np.nanmean(pct))})
@@ -211,14 +212,6 @@ def neighbour_rows(result: Detection) -> list[dict]:
                              "what": f"share of a {kind}'s neighbours that are {kind}", "value": float(same),
                              "baseline": float(mine.mean())})
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["empty"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def number(value: float) -> str:
@@ -276,14 +269,7 @@ def write_reports(result: Detection, out_dir: Path, options: DetectOptions) -> d
 
 
 def heatmaps(rows: list[dict], focus: list[dict], plot_dir: Path, top_k: int) -> Path:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--plots needs matplotlib: pip install -e '.[plots]'") from None
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     for field, title, subset in (("spearman", "Spearman correlation of scores", rows),
                                  (f"jaccard_top{top_k}", f"Jaccard overlap of the top {top_k}", focus),
                                  ("top1_in_top10", "share of row's top 1% in column's top 10%", focus)):
@@ -298,7 +284,5 @@ def heatmaps(rows: list[dict], focus: list[dict], plot_dir: Path, top_k: int) ->
                 ax.text(j, i, number(v), ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(image, ax=ax)
         ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(plot_dir / f"{field}.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, plt, plot_dir / f"{field}.png", dpi=110)
     return plot_dir

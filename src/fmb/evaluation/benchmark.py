@@ -45,6 +45,7 @@ from fmb.evaluation.run import (
     evaluate_task,
     interval,
     is_classification,
+    write_csv,
     zero_shot_rows,
 )
 
@@ -416,15 +417,6 @@ def leaderboard(rows: list[dict], tasks: list[Task]) -> list[dict]:
 
 LEADERBOARD_FIELDS = ["task", "kind", "metric", "rank", "model", "embedding", "probe", "labels", "value", "low", "high",
                       "baseline", "baseline_low", "baseline_high", "n", "tied", "model_best"]
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def few_shot_note(draws: int) -> str:

@@ -20,7 +20,8 @@ from fmb.errors import ConfigError
 MAX_POINTS = 5000  # a projection of more objects draws a random subset of this size
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or an error naming the extra to install."""
     try:
         import matplotlib
 
@@ -67,7 +68,7 @@ def projection(x: np.ndarray, y: np.ndarray, title: str, path: Path, method: str
 def coloured_panels(xy: np.ndarray, colours: dict[str, np.ndarray], path: Path, axis: str) -> Path:
     """One scatter of the same 2-d positions per entry of `colours` (title -> values; a colour bar for
     numbers, a legend for classes; missing values grey)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(colours), figsize=(4.6 * len(colours), 4.2), squeeze=False)
     for ax, (title, y) in zip(axes[0], colours.items(), strict=True):
         if y.dtype.kind in "fiu":
@@ -83,7 +84,7 @@ def coloured_panels(xy: np.ndarray, colours: dict[str, np.ndarray], path: Path, 
                 ax.scatter(xy[keep, 0], xy[keep, 1], s=6, label=label)
             ax.legend(fontsize=6, markerscale=2)
         ax.set(title=title, xlabel=f"{axis} 1", ylabel=f"{axis} 2")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def grid_cells(xy: np.ndarray, cells: int = 16) -> dict[tuple[int, int], int]:
@@ -101,18 +102,18 @@ def grid_cells(xy: np.ndarray, cells: int = 16) -> dict[tuple[int, int], int]:
 
 def thumbnail_grid(shown: dict[tuple[int, int], np.ndarray], title: str, path: Path, cells: int = 16) -> Path:
     """Images at their 2-d positions: `shown` maps a cell of `grid_cells` to an (h, w, 3) uint8 image."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 7))
     for (i, j), image in shown.items():
         ax.imshow(image, extent=(i, i + 1, j, j + 1), origin="upper", interpolation="nearest")
     ax.set(xlim=(0, cells), ylim=(0, cells), title=title, xticks=[], yticks=[])
     ax.set_aspect("equal")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, outlier: float | None = None) -> Path:
     """Out-of-fold predictions against the truth, the 1:1 line, and for redshift the |dz|/(1+z) bounds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(y, pred, s=5, alpha=0.6)
     low, high = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
@@ -126,14 +127,14 @@ def prediction_scatter(y: np.ndarray, pred: np.ndarray, title: str, path: Path, 
                     label=f"|dz|/(1+z) = {outlier:g}" if sign == 1 else None)
         ax.legend(fontsize=7)
     ax.set(title=title, xlabel="true", ylabel="predicted (out of fold)", xlim=(low, high), ylim=(low, high))
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "probe", group: str | None = None) -> Path:
     """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
     95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across, in
     the colour of the curve of their `group` (e.g. the same model), else grey."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     lines = {name: sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
              for name in sorted({r[key] for r in rows})}
@@ -156,12 +157,12 @@ def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "
             ax.axhline(mine[0]["value"], linestyle=":", color=colour, label=f"{name} (zero-shot)")
     ax.set(title=title, xlabel="fraction of labels", ylabel=metric, xscale="log")
     ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def confusion(matrix: np.ndarray, classes: np.ndarray, title: str, path: Path) -> Path:
     """Row-normalised confusion matrix (truth along rows), counts written in the cells."""
-    plt = _pyplot()
+    plt = pyplot()
     size = max(3.5, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
@@ -174,24 +175,24 @@ def confusion(matrix: np.ndarray, classes: np.ndarray, title: str, path: Path) -
     ax.set(title=title, xlabel="predicted", ylabel="true", xticks=range(len(names)), yticks=range(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_yticklabels(names, fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def retrieval_curve(ranks: np.ndarray, title: str, path: Path) -> Path:
     """Top-k retrieval accuracy against k (from each query's rank, 0 = first), with chance dotted."""
-    plt = _pyplot()
+    plt = pyplot()
     ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= len(ranks)]
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(ks, [float(np.mean(ranks < k)) for k in ks], marker="o", label="retrieval")
     ax.plot(ks, [k / len(ranks) for k in ks], linestyle=":", color="grey", label="chance")
     ax.set(title=title, xlabel="k", ylabel="top-k accuracy", xscale="log")
     ax.legend(fontsize=7)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def similarity_matrices(names: list[str], cka: np.ndarray, mutual_knn: np.ndarray, path: Path) -> Path:
     """CKA and mutual-kNN side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     size = max(4.0, 0.45 * len(names) + 2.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
     for ax, matrix, label in zip(axes, (cka, mutual_knn), ("linear CKA", "mutual kNN"), strict=True):
@@ -204,12 +205,12 @@ def similarity_matrices(names: list[str], cka: np.ndarray, mutual_knn: np.ndarra
         ax.set(title=label, xticks=range(len(names)), yticks=range(len(names)))
         ax.set_xticklabels(names, rotation=60, ha="right", fontsize=6)
         ax.set_yticklabels(names, fontsize=6)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
-def _save(fig: Any, plt: Any, path: Path) -> Path:
+def save_figure(fig: Any, plt: Any, path: Path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

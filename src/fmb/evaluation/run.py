@@ -247,13 +247,19 @@ def _retrieval_rows(model: EmbeddingFile, base: EmbeddingFile | None, plot_dir: 
     return rows
 
 
-def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out_dir / "results.csv", out_dir / "results.md"
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+def write_csv(path: Path, rows: list[dict], fields: list[str] | None = None) -> Path:
+    """Rows as CSV under `fields` (default: the first row's keys)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields or (list(rows[0]) if rows else ["empty"]))
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_tables(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
+    md_path = out_dir / "results.md"
+    csv_path = write_csv(out_dir / "results.csv", rows, FIELDS)
     md_path.write_text(markdown_table(rows))
     return csv_path, md_path
 

@@ -304,9 +304,9 @@ def draw_spectrum(ax: Any, item: ObjectData, smooth: int = 15, labels: bool = Tr
 
 def show_object(item: ObjectData, path: Path, notes: list[str] | None = None) -> Path:
     """One object: the RGB composite and every band above, the spectrum with its lines below."""
-    from fmb.evaluation.plots import _pyplot
+    from fmb.evaluation.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     bands = list(BAND_NAMES.values())
     fig = plt.figure(figsize=(2.4 * (1 + len(bands)), 5.6))
     grid = fig.add_gridspec(2, 1 + len(bands), height_ratios=[1, 1.1], hspace=0.15)
@@ -325,9 +325,9 @@ def gallery(items: list[ObjectData], texts: list[list[str]], path: Path, title: 
             highlight: int | None = None) -> Path:
     """Many objects, each as its image beside its spectrum under a few lines of text (id, scores).
     `highlight`: the position of an item drawn framed in red (the query of a similarity search)."""
-    from fmb.evaluation.plots import _pyplot
+    from fmb.evaluation.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
     fig = plt.figure(figsize=(6.4 * columns, 2.1 * rows + (0.5 if title else 0)))
