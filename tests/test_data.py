@@ -218,3 +218,15 @@ def test_block_shuffle_reads_each_row_group_in_one_window(tmp_path):
     sampler.set_epoch(0)
     sampler.set_start(7)
     assert list(sampler) == order[7:]
+
+
+def test_the_shared_row_group_cache_keeps_the_largest_limit_any_source_asked_for():
+    from fmb.data.tables import _RowGroupCache
+
+    cache, reads = _RowGroupCache(), []
+    for group in range(4):  # a training source keeps 4 row groups
+        cache.get(("f", group), lambda g=group: reads.append(g) or g, limit=4)
+    cache.get(("g", 0), lambda: reads.append("g") or "g", limit=1)  # a source asking for 1 does not shrink it
+    for group in range(1, 4):
+        cache.get(("f", group), lambda g=group: reads.append(g) or g, limit=4)
+    assert reads == [0, 1, 2, 3, "g"]

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.extras import need
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_check_runs_on_cpu_and_summarizes(tmp_path):
+    need("PIL")  # the loader benchmark's naive peer decodes with Pillow
     env = {**os.environ, "CHECK_MODE": "cpu", "CHECK_STEPS": "torchrun loader", "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=env,

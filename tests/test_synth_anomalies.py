@@ -19,6 +19,7 @@ from fmb.errors import ConfigError
 from fmb.evaluation import views
 from fmb.models import write_synthetic
 from tests.cli_runner import run_cli
+from tests.extras import need
 
 RATE = 0.6
 
@@ -270,6 +271,7 @@ def test_truth_anomaly_travels_into_embedding_files(monkeypatch, capsys, tmp_pat
     assert embedded.column("truth_anomaly").to_pylist() == truth.column("truth_anomaly").to_pylist()
     assert embedded.column("truth_anomaly").null_count > 0
     # a text truth column does not disturb the probes of other targets, and is classes when named
+    need("sklearn")  # the probes
     code, out, err = run_cli(monkeypatch, capsys, "evaluate", str(out), "--target", "redshift", "--target",
                              "truth_anomaly", "--probes", "knn", "--fractions", "1.0", "--folds", "2", "--k", "3",
                              "--out", str(tmp_path / "evaluation"))

@@ -117,15 +117,17 @@ class _RowGroupCache:
     def __init__(self) -> None:
         self.pid: int | None = None
         self.tables: OrderedDict[tuple, pa.Table] = OrderedDict()
+        self.limit = 0
 
     def get(self, key: tuple, read: Callable[[], pa.Table], limit: int) -> pa.Table:
         if self.pid != os.getpid():  # a new process (DataLoader worker) starts empty
-            self.pid, self.tables = os.getpid(), OrderedDict()
+            self.pid, self.tables, self.limit = os.getpid(), OrderedDict(), 0
+        self.limit = max(self.limit, limit)
         if key in self.tables:
             self.tables.move_to_end(key)
             return self.tables[key]
         table = self.tables[key] = read()
-        while len(self.tables) > limit:
+        while len(self.tables) > self.limit:
             self.tables.popitem(last=False)
         return table
 

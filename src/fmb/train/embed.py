@@ -215,7 +215,7 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
     sampler = ChunkBatches(total, options.batch_size, options.chunk_rows, mine)
     workers = trainer.cfg.num_workers if options.num_workers is None else options.num_workers
     loader = make_loader(dataset, None, None, workers, trainer.collate_fn(), env.device.type == "cuda",
-                         drop_last=False, seed=trainer.cfg.seed, batch_sampler=sampler)
+                         drop_last=False, seed=trainer.cfg.seed, batch_sampler=sampler, persistent=False)
     start = time.perf_counter()
     faults, chunk_faults = FaultCounter(), FaultCounter()
     gathered: ChunkRows | None = None

@@ -151,10 +151,12 @@ def make_loader(
     drop_last: bool,
     seed: int,
     batch_sampler: Sampler | None = None,
+    persistent: bool = True,
 ) -> DataLoader:
     """The one way fmb builds a DataLoader (training, validation, embedding). Workers persist across
-    epochs; pinned memory (on CUDA) makes the copies to the device asynchronous."""
-    if num_workers > 0 and hasattr(dataset, "set_epoch"):
+    epochs unless `persistent` is off (a single pass, as embedding makes, ends its workers with it);
+    pinned memory (on CUDA) makes the copies to the device asynchronous."""
+    if persistent and num_workers > 0 and hasattr(dataset, "set_epoch"):
         dataset = EpochInWorkers(dataset)
     return Loader(
         dataset,
@@ -167,7 +169,7 @@ def make_loader(
         drop_last=drop_last if batch_sampler is None else False,
         generator=torch.Generator().manual_seed(seed),
         worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
     )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fmb.data.images import decode_image
+from fmb.data.images import decode_image, image_bytes
 from fmb.data.splits import holdout_mask
 from fmb.data.tables import TableSource, available_splits, column_names
 from fmb.errors import ConfigError, DataError
@@ -143,9 +143,10 @@ def _split_name(path: str, split: str) -> str | None:
 
 def rgb_array(image_struct: dict | None) -> np.ndarray:
     """`RGB_image` {bytes} -> H x W x 3 uint8, as decoded."""
-    if image_struct is None or not image_struct.get("bytes"):
+    raw = image_bytes(image_struct)
+    if raw is None:
         raise DataError("no image bytes")
-    return decode_image(image_struct["bytes"])
+    return decode_image(raw)
 
 
 def rgb_tensor(image_struct: dict | None, size: int) -> torch.Tensor:
