@@ -208,9 +208,18 @@ def similarity_matrices(names: list[str], cka: np.ndarray, mutual_knn: np.ndarra
     return save_figure(fig, plt, path)
 
 
-def save_figure(fig: Any, plt: Any, path: Path, dpi: int = 100) -> Path:
+def save_figure(fig: Any, plt: Any, path: str | Path, dpi: int = 100, crop: bool = False) -> Path:
+    """Writes and closes the figure; returns the path written (a name without suffix gets .png, as
+    savefig does). `crop`: the canvas cut to what is drawn (bbox_inches="tight"), for figures laid
+    out on a gridspec of their own, which tight_layout would rearrange."""
+    path = Path(path)
+    if not path.suffix:
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    if crop:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -28,6 +28,7 @@ from fmb.data.surveys.euclid_desi import DESI_PIXELS, DESI_WAVELENGTH, EUCLID_BA
 from fmb.data.tables import data_schema, rows_by_id
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile
 from fmb.errors import DataError
+from fmb.evaluation.plots import pyplot, save_figure
 
 log = logging.getLogger("fmb")
 
@@ -304,8 +305,6 @@ def draw_spectrum(ax: Any, item: ObjectData, smooth: int = 15, labels: bool = Tr
 
 def show_object(item: ObjectData, path: Path, notes: list[str] | None = None) -> Path:
     """One object: the RGB composite and every band above, the spectrum with its lines below."""
-    from fmb.evaluation.plots import pyplot
-
     plt = pyplot()
     bands = list(BAND_NAMES.values())
     fig = plt.figure(figsize=(2.4 * (1 + len(bands)), 5.6))
@@ -318,15 +317,13 @@ def show_object(item: ObjectData, path: Path, notes: list[str] | None = None) ->
     draw_spectrum(spectrum, item)
     spectrum.set_ylabel("flux", fontsize=7)
     fig.suptitle("; ".join([f"object {item.object_id}", redshift, *(notes or [])]), fontsize=10, parse_math=False)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path, crop=True)
 
 
 def gallery(items: list[ObjectData], texts: list[list[str]], path: Path, title: str = "", columns: int = 2,
             highlight: int | None = None) -> Path:
     """Many objects, each as its image beside its spectrum under a few lines of text (id, scores).
     `highlight`: the position of an item drawn framed in red (the query of a similarity search)."""
-    from fmb.evaluation.plots import pyplot
-
     plt = pyplot()
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
@@ -347,15 +344,4 @@ def gallery(items: list[ObjectData], texts: list[list[str]], path: Path, title: 
                 side.set(color="red", linewidth=2.0, visible=True)
     if title:
         fig.suptitle(title, fontsize=10, parse_math=False)
-    return _save(fig, plt, path)
-
-
-def _save(fig: Any, plt: Any, path: Path) -> Path:
-    """Writes the figure; returns the path written (a name without suffix gets .png, as savefig does)."""
-    path = Path(path)
-    if not path.suffix:
-        path = path.with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, plt, path, crop=True)
