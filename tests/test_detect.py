@@ -328,3 +328,22 @@ def test_string_object_ids_pass_through(tmp_path):
     detect([str(tmp_path / "s.parquet")], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=3))
     assert pq.read_table(tmp_path / "out" / "anomalies.parquet").column("object_id")[0].as_py() == "SPLUS-005"
     assert pa_csv.read_csv(tmp_path / "out" / "top_k.csv").column("object_id").to_pylist()[0] == "SPLUS-005"
+
+
+def test_truth_directory_errors_read_as_the_catalogues(tmp_path):
+    from fmb.evaluation.agreement import read_truth
+
+    root = tmp_path / "data"
+    root.mkdir()
+    pq.write_table(pa.table({"object_id": [1, 2], "truth_anomaly": ["lens", None]}), root / "train-0.parquet")
+    pq.write_table(pa.table({"object_id": [3, 4], "truth_anomaly": [None, None]}), root / "test-0.parquet")
+    truth = read_truth(str(root), "object_id")
+    assert sorted(truth.ids.tolist()) == [1, 2, 3, 4] and truth.missing["truth_anomaly"] == 3
+    with pytest.raises(DataError, match=r"test-0.parquet: no column 'objid' \(closest: object_id\)"):
+        read_truth(str(root), "objid")
+    pq.write_table(pa.table({"object_id": [3, None], "truth_anomaly": [None, None]}), root / "test-0.parquet")
+    with pytest.raises(DataError, match="test-0.parquet: id column 'object_id' has missing or non-integer values"):
+        read_truth(str(root), "object_id")
+    pq.write_table(pa.table({"object_id": [2, 5], "truth_anomaly": [None, None]}), root / "test-0.parquet")
+    with pytest.raises(DataError, match=r"data: 1 duplicate values in id column 'object_id' \(1 ids repeated, e.g. 2\)"):
+        read_truth(str(root), "object_id")

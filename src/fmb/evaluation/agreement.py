@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fmb.embeddings import EmbeddingFile
-from fmb.errors import DataError
 from fmb.evaluation import anomaly
-from fmb.evaluation.catalog import Catalog, comparable_ids, join, read_catalog
+from fmb.evaluation.catalog import (
+    Catalog,
+    check_unique,
+    comparable_ids,
+    id_values,
+    join,
+    read_catalog,
+    read_columns,
+)
 from fmb.evaluation.plots import pyplot, save_figure
 from fmb.evaluation.run import write_csv
 
@@ -82,17 +88,14 @@ def read_truth(path: str, id_column: str) -> Catalog:
     root = Path(path)
     if root.is_dir() or root.suffix == ".parquet":
         ids, labels = [], []
-        for file in resolve_files(root, None):
-            names = pq.read_schema(file).names
-            for column in (id_column, TRUTH_COLUMN):
-                if column not in names:
-                    raise DataError(f"{file}: no column '{column}'; it has {', '.join(names[:20])}")
-            table = pq.read_table(file, columns=[id_column, TRUTH_COLUMN])
-            ids.append(table.column(id_column).to_numpy(zero_copy_only=False))
-            labels.append(normal_labels(table.column(TRUTH_COLUMN).to_numpy(zero_copy_only=False)))
-        all_labels = np.concatenate(labels)
+        for file in resolve_files(root, None):  # the catalogue's checks, file by file
+            columns, _ = read_columns(file, [id_column, TRUTH_COLUMN])
+            ids.append(id_values(columns[id_column], file, id_column))
+            labels.append(normal_labels(columns[TRUTH_COLUMN]))
+        all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
+        check_unique(all_ids, root, id_column)
         missing = int(sum(v is None for v in all_labels))
-        return Catalog(root, np.concatenate(ids), {TRUTH_COLUMN: all_labels}, missing={TRUTH_COLUMN: missing})
+        return Catalog(root, all_ids, {TRUTH_COLUMN: all_labels}, missing={TRUTH_COLUMN: missing})
     return read_catalog(root, id_column, {TRUTH_COLUMN: TRUTH_COLUMN}, sentinels=())
 
 

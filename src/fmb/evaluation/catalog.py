@@ -54,13 +54,9 @@ def read_catalog(path: str | Path, id_column: str, mapping: dict[str, str],
     if not mapping:
         raise ConfigError(f"{path}: say which columns are targets, e.g. --map redshift=Z")
     wanted = [id_column, *dict.fromkeys(mapping.values())]
-    columns, units = _read_columns(path, wanted)
-    ids = _id_values(columns[id_column], path, id_column)
-    unique, counts = np.unique(ids, return_counts=True)
-    if len(unique) < len(ids):
-        repeated = unique[counts > 1]
-        raise DataError(f"{path}: {int((counts - 1)[counts > 1].sum())} duplicate values in id column '{id_column}' "
-                        f"({len(repeated)} ids repeated, e.g. {', '.join(map(str, repeated[:3]))})")
+    columns, units = read_columns(path, wanted)
+    ids = id_values(columns[id_column], path, id_column)
+    check_unique(ids, path, id_column)
     catalog = Catalog(path, ids, {})
     for target, column in mapping.items():
         values, missing = _target_values(columns[column], sentinels)
@@ -71,7 +67,9 @@ def read_catalog(path: str | Path, id_column: str, mapping: dict[str, str],
     return catalog
 
 
-def _read_columns(path: Path, wanted: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_columns(path: Path, wanted: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(column -> values, column -> unit) of a FITS, CSV or parquet table, reading only `wanted`; an
+    absent column is an error naming the file and the columns it has (or the closest names)."""
     name = path.name.lower()
     if name.endswith(FITS_SUFFIXES):
         return _read_fits(path, wanted)
@@ -121,7 +119,8 @@ def _check_columns(path: Path, wanted: list[str], available: list[str]) -> None:
             raise DataError(f"{path}: no column '{column}'{hint}")
 
 
-def _id_values(values: np.ndarray, path: Path, column: str) -> np.ndarray:
+def id_values(values: np.ndarray, path: Path, column: str) -> np.ndarray:
+    """Object ids as int64 (integer-valued floats too) or stripped text; a missing id is an error naming the file."""
     if values.dtype.kind in "iu":
         return values.astype(np.int64)
     if values.dtype.kind == "f":
@@ -131,6 +130,14 @@ def _id_values(values: np.ndarray, path: Path, column: str) -> np.ndarray:
     if any(v is None for v in values):
         raise DataError(f"{path}: id column '{column}' has {sum(v is None for v in values)} missing values")
     return np.array([str(v).strip() for v in values], dtype=object)
+
+
+def check_unique(ids: np.ndarray, path: Path, column: str) -> None:
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) < len(ids):
+        repeated = unique[counts > 1]
+        raise DataError(f"{path}: {int((counts - 1)[counts > 1].sum())} duplicate values in id column '{column}' "
+                        f"({len(repeated)} ids repeated, e.g. {', '.join(map(str, repeated[:3]))})")
 
 
 def _target_values(values: np.ndarray, sentinels: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
