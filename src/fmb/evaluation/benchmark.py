@@ -41,10 +41,12 @@ from fmb.evaluation.metrics import OUTLIER_THRESHOLD, is_redshift
 from fmb.evaluation.probes import FEW_SHOT_DRAWS, PROBES, Folds, make_folds
 from fmb.evaluation.run import (
     FIELDS,
+    ZERO_SHOT,
     Task,
     evaluate_task,
     interval,
     is_classification,
+    is_zero_shot,
     write_csv,
     zero_shot_rows,
 )
@@ -389,7 +391,7 @@ def leaderboard(rows: list[dict], tasks: list[Task]) -> list[dict]:
         full = max(task.fractions)
         candidates: dict[tuple[str, str], dict] = {}
         for r in rows:
-            if r["target"] != task.target or r["metric"] != task.rank_by or (r["labels"] != full and r["probe"] != "zero-shot"):
+            if r["target"] != task.target or r["metric"] != task.rank_by or (r["labels"] != full and not is_zero_shot(r)):
                 continue
             key = (r["model"], r["embedding"])
             best = candidates.get(key)
@@ -435,9 +437,9 @@ def leaderboard_markdown(board: list[dict], rows: list[dict], tasks: list[Task],
         unit = f" [{units[task.target]}]" if task.target in units else ""
         better = "lower is better" if task.rank_by in LOWER_IS_BETTER else "higher is better"
         columns = [(p, f) for f in task.fractions for p in task.probes]
-        if any(e["probe"] == "zero-shot" for e in entries):  # a model's own predictions, no labels
-            columns.append(("zero-shot", 0.0))
-        header = " | ".join(p if p == "zero-shot" else f"{p} {f:.0%}" for p, f in columns)
+        if any(is_zero_shot(e) for e in entries):
+            columns.append((ZERO_SHOT, 0.0))
+        header = " | ".join(p if p == ZERO_SHOT else f"{p} {f:.0%}" for p, f in columns)
         parts += [f"### {task.target}{unit} ({task.kind}; {task.rank_by}, {better})", "",
                   f"| rank | model | embedding | {header} | random init (best probe, {max(task.fractions):.0%}) | n |",
                   "|---" * (len(columns) + 5) + "|"]
@@ -501,12 +503,12 @@ def _figures(plot_dir: Path, suite: Suite, rows: list[dict], board: list[dict], 
 
     figures = []
     for task in tasks:
-        trained = [e for e in board if e["task"] == task.target and e["probe"] != "zero-shot"]
+        trained = [e for e in board if e["task"] == task.target and not is_zero_shot(e)]
         if len(task.fractions) > 1 and trained:
             lines = few_shot_lines(board, rows, task.target)
             path = plots.few_shot(lines, task.rank_by, f"{task.target}: few-shot", plot_dir / f"{task.target}__few_shot.png",
                                   key="line", group="model")
-            zero_shot = "; dotted: the model's best zero-shot prediction" if any(r["labels"] == 0 for r in lines) else ""
+            zero_shot = "; dotted: the model's best zero-shot prediction" if any(is_zero_shot(r) for r in lines) else ""
             figures.append((task.target, f"{task.rank_by} against the fraction of training labels, each model's best "
                             f"embedding and probe trained on labels; shaded: 95% interval; dashed: random init{zero_shot}",
                             path))
@@ -552,9 +554,9 @@ def few_shot_lines(board: list[dict], rows: list[dict], target: str) -> list[dic
     lines = []
     for model in dict.fromkeys(e["model"] for e in board if e["task"] == target):
         mine = [e for e in board if e["task"] == target and e["model"] == model]
-        best = [next((e for e in mine if (e["probe"] == "zero-shot") == zero_shot), None) for zero_shot in (False, True)]
+        best = [next((e for e in mine if is_zero_shot(e) == zero_shot), None) for zero_shot in (False, True)]
         for e in filter(None, best):
-            name = f"{model} {e['embedding']}" + ("" if e["probe"] == "zero-shot" else f" ({e['probe']})")
+            name = f"{model} {e['embedding']}" + ("" if is_zero_shot(e) else f" ({e['probe']})")
             lines += [{**r, "line": name} for r in rows if r["model"] == model and r["embedding"] == e["embedding"]
                       and r["target"] == target and r["probe"] == e["probe"] and r["metric"] == e["metric"]]
     return lines

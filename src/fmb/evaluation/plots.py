@@ -134,13 +134,16 @@ def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "
     """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
     95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across, in
     the colour of the curve of their `group` (e.g. the same model), else grey."""
+    # here, not at the top: run imports this module for its figures
+    from fmb.evaluation.run import is_zero_shot
+
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     lines = {name: sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])
              for name in sorted({r[key] for r in rows})}
     colours: dict[Any, str] = {}  # group -> colour of its curve
     for name, mine in lines.items():
-        mine = [r for r in mine if r["labels"] > 0]
+        mine = [r for r in mine if not is_zero_shot(r)]
         if not mine:  # zero-shot: drawn after the curves, whose colours it takes
             continue
         fractions = [r["labels"] for r in mine]
@@ -152,7 +155,7 @@ def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "
             ax.plot(fractions, [r["baseline"] for r in mine], linestyle="--", color=line.get_color(),
                     label=f"{name} (random init)")
     for name, mine in lines.items():
-        if mine and all(r["labels"] == 0 for r in mine):
+        if mine and all(is_zero_shot(r) for r in mine):
             colour = colours.get(mine[0][group], "grey") if group else "grey"
             ax.axhline(mine[0]["value"], linestyle=":", color=colour, label=f"{name} (zero-shot)")
     ax.set(title=title, xlabel="fraction of labels", ylabel=metric, xscale="log")

@@ -179,6 +179,14 @@ def _row(model: str, embedding: str, target: str, probe: str, labels: float, met
             "baseline_high": baseline.high if baseline else None, "n": n, "excluded": excluded}
 
 
+ZERO_SHOT = "zero-shot"  # the probe of a model's own prediction column, scored as it is: no labels used
+
+
+def is_zero_shot(row: dict) -> bool:
+    """A row (or leaderboard entry) of a model's own prediction column rather than of a trained probe."""
+    return row["probe"] == ZERO_SHOT
+
+
 def zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, replicates: int, seed: int) -> list[dict]:
     """A model's own predictions of the target (float columns `<name>_<target>`, e.g. `aion_redshift` from
     `fmb embed aion`) scored against it directly: probe "zero-shot", no labels used."""
@@ -198,7 +206,7 @@ def zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, task: Task,
         scores = regression_scores(y_all[keep], predicted[keep], redshift, task.threshold, replicates, seed)
         base_scores = (regression_scores(y_all[keep], base.targets[column][keep], redshift, task.threshold, replicates, seed)
                        if has_base else {})
-        rows += [_row(model.name, column, target, "zero-shot", 0.0, metric, value, base_scores.get(metric),
+        rows += [_row(model.name, column, target, ZERO_SHOT, 0.0, metric, value, base_scores.get(metric),
                       int(keep.sum()), int((~keep).sum())) for metric, value in scores.items()]
     return rows
 
