@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fmb.evaluation.metrics import (
-    class_scores,
+    class_samples,
     confusion_matrices,
     mean_interval,
     regression_scores,
@@ -39,10 +39,10 @@ def test_photo_z_figures_by_hand():
 
 def test_class_figures_by_hand_and_against_sklearn():
     y, p = np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 0])
-    scores, confusion, classes = class_scores(y, p, replicates=0)
+    scores, confusion, classes = class_samples(y, p, replicates=0)
     # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: 0
-    assert scores["macro_f1"].value == pytest.approx((0.5 + 0.8 + 0.0) / 3)
-    assert scores["accuracy"].value == pytest.approx(0.6)
+    assert scores["macro_f1"][0] == pytest.approx((0.5 + 0.8 + 0.0) / 3)  # (figure, its bootstrap replicates)
+    assert scores["accuracy"][0] == pytest.approx(0.6)
     assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]] and classes.tolist() == [0, 1, 2]
     need("sklearn")
     from sklearn.metrics import (
@@ -56,9 +56,9 @@ def test_class_figures_by_hand_and_against_sklearn():
     rng = np.random.default_rng(0)
     y = rng.choice(np.array(["E", "S", "Irr", "star"], dtype=object), 300)
     p = np.where(rng.random(300) < 0.7, y, rng.choice(np.array(["E", "S", "Irr", "QSO"], dtype=object), 300))
-    scores, confusion, classes = class_scores(y, p, replicates=0)
-    assert scores["macro_f1"].value == pytest.approx(f1_score(y, p, average="macro"))
-    assert scores["accuracy"].value == pytest.approx(accuracy_score(y, p))
+    scores, confusion, classes = class_samples(y, p, replicates=0)
+    assert scores["macro_f1"][0] == pytest.approx(f1_score(y, p, average="macro"))
+    assert scores["accuracy"][0] == pytest.approx(accuracy_score(y, p))
     assert (confusion == confusion_matrix(y, p, labels=classes)).all()
     t, q = rng.random(200), rng.random(200)
     scores = regression_scores(t, q, redshift=False, replicates=0)

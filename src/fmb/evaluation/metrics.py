@@ -147,13 +147,6 @@ def class_samples(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_R
     return {name: (float(fn(confusion)), _joined(samples[name])) for name, fn in CLASS_METRICS.items()}, confusion, labels
 
 
-def class_scores(y: np.ndarray, pred: np.ndarray, replicates: int = BOOTSTRAP_REPLICATES, seed: int = 0
-                 ) -> tuple[dict[str, Estimate], np.ndarray, np.ndarray]:
-    """(accuracy and macro-F1 with 95% bootstrap intervals, confusion matrix, its class labels)."""
-    samples, confusion, labels = class_samples(y, pred, replicates, seed)
-    return estimates([samples]), confusion, labels
-
-
 def estimates(draws: list[Samples]) -> dict[str, Estimate]:
     """Per metric, the mean of the draws' figures with the 95% percentile interval of their bootstrap
     replicates pooled: with several label draws (few-shot) the interval covers both which objects
