@@ -315,6 +315,9 @@ def test_plots_are_agreement_heatmaps(tmp_path):
     result = detect([str(a), str(b)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=5, plots=True))
     assert result.files["plots"] == tmp_path / "out" / "plots"
     assert {p.name for p in (tmp_path / "out" / "plots").iterdir()} == {"spearman.png", "jaccard_top5.png", "top1_in_top10.png"}
+    detect([str(a), str(b)], tmp_path / "all", DetectOptions(scorers=("mismatch",), top_k=60, plots=True))
+    # the top 60 of 60 objects: every Jaccard empty, so no heatmap of them
+    assert {p.name for p in (tmp_path / "all" / "plots").iterdir()} == {"spearman.png", "top1_in_top10.png"}
 
 
 def test_string_object_ids_pass_through(tmp_path):
@@ -347,3 +350,25 @@ def test_truth_directory_errors_read_as_the_catalogues(tmp_path):
     pq.write_table(pa.table({"object_id": [2, 5], "truth_anomaly": [None, None]}), root / "test-0.parquet")
     with pytest.raises(DataError, match=r"data: 1 duplicate values in id column 'object_id' \(1 ids repeated, e.g. 2\)"):
         read_truth(str(root), "object_id")
+
+
+def test_a_top_k_of_every_object_leaves_its_jaccard_empty(tmp_path, caplog):
+    import csv
+
+    images, spectra = aligned_pair(n=30)
+    a = write_file(tmp_path / "a.parquet", np.arange(30), {"image": images, "spectrum": spectra})
+    b = write_file(tmp_path / "b.parquet", np.arange(30), {"image": images, "spectrum": -spectra})
+
+    def jaccards(top_k: int, out: str) -> dict[tuple[str, str], float]:
+        detect([str(a), str(b)], tmp_path / out, DetectOptions(scorers=("mismatch",), top_k=top_k))
+        with open(tmp_path / out / "agreement.csv") as handle:
+            return {(r["a"], r["b"]): float(r[f"jaccard_top{top_k}"]) for r in csv.DictReader(handle)}
+
+    with caplog.at_level(logging.WARNING, logger="fmb"):
+        every = jaccards(30, "every")  # the top 30 of 30 objects: the same set for any two scores, whatever they rank
+    assert all(np.isnan(v) for v in every.values())
+    assert "--top-k 30: 5 score(s)" in caplog.text and "its Jaccard overlap is left empty (NaN)" in caplog.text
+    assert "Jaccard of the top 30: 2 score(s) (a/anomaly_score, b/anomaly_score) have 30 objects or fewer" in (
+        tmp_path / "every" / "agreement.md").read_text()
+    fewer = jaccards(29, "fewer")
+    assert fewer["a/anomaly_score", "a/anomaly_score"] == 1.0 and 0.0 < fewer["a/anomaly_score", "b/anomaly_score"] <= 1.0

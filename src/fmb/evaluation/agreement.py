@@ -169,8 +169,12 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 def agreement_rows(result: Detection, top_k: int) -> list[dict]:
     """Pairwise figures between every two series (scores and fused scores): Spearman, Jaccard of the
-    top K, share of A's top 1% in B's top 1% and top 10%."""
+    top K, share of A's top 1% in B's top 1% and top 10%. The Jaccard is NaN for a series that scores
+    K objects or fewer: its top K is then every object it scores, not a choice (logged)."""
     series = scored_series(result)
+    whole = whole_top_k(series, top_k)
+    if whole:
+        log.warning(f"--top-k {top_k}: {whole_top_k_note(whole, top_k)}")
     tops = {name: (top_rows(v, top_k), top_mask(v, 0.01), top_mask(v, 0.10)) for _, name, v in series}
     ranks = {id(v): anomaly.percentile(v) for _, _, v in series}
     correlation: dict[tuple[str, str], float] = {}
@@ -182,10 +186,20 @@ def agreement_rows(result: Detection, top_k: int) -> list[dict]:
             k_a, one_a, _ = tops[a]
             k_b, one_b, ten_b = tops[b]
             rows.append({"a": a, "b": b, "spearman": correlation.get((a, b), correlation.get((b, a))),
-                         f"jaccard_top{top_k}": jaccard(k_a, k_b),
+                         f"jaccard_top{top_k}": np.nan if a in whole or b in whole else jaccard(k_a, k_b),
                          "top1_in_top1": float((one_a & one_b).sum() / one_a.sum()),
                          "top1_in_top10": float((one_a & ten_b).sum() / one_a.sum())})
     return rows
+
+
+def whole_top_k(series: list[tuple[str, str, np.ndarray]], top_k: int) -> list[str]:
+    """The series whose top K is every object they score (K at least their count)."""
+    return [name for _, name, values in series if np.isfinite(values).sum() <= top_k]
+
+
+def whole_top_k_note(whole: list[str], top_k: int) -> str:
+    return (f"{len(whole)} score(s) ({', '.join(whole[:5])}{', ...' if len(whole) > 5 else ''}) have {top_k} objects "
+            f"or fewer, so their top {top_k} is every object they score and its Jaccard overlap is left empty (NaN)")
 
 
 def neighbour_rows(result: Detection) -> list[dict]:
@@ -238,7 +252,7 @@ def matrix(rows: list[dict], field: str) -> tuple[list[str], np.ndarray]:
 
 def write_reports(result: Detection, out_dir: Path, options: DetectOptions) -> dict[str, Path]:
     """truth.md / truth.csv (when truth is known), agreement.md / .csv, neighbours.csv, and heatmaps
-    under plots/ with `options.plots`."""
+    under plots/ with `options.plots` (none of a figure whose every value is empty)."""
     written: dict[str, Path] = {}
     if result.truth is not None:
         if all(v is None for v in result.truth):
@@ -260,6 +274,9 @@ def write_reports(result: Detection, out_dir: Path, options: DetectOptions) -> d
     fields = ["a", "b", "spearman", f"jaccard_top{options.top_k}", "top1_in_top1", "top1_in_top10"]
     text = ["# Agreement", "", f"Between {'models (fused scores)' if len(models) > 1 else 'the scores of one model'}; "
             "every score in agreement.csv.", "", markdown(shown, fields)]
+    whole = [name for name in whole_top_k(scored_series(result), options.top_k) if name in focus]
+    if whole:
+        text += [f"Jaccard of the top {options.top_k}: {whole_top_k_note(whole, options.top_k)}.", ""]
     if neighbours:
         text += ["## Neighbour ranks", "", markdown(neighbours, ["graph", "anomalies_by", "neighbours_scored_by", "what",
                                                                "value", "baseline"])]
@@ -277,6 +294,8 @@ def heatmaps(rows: list[dict], focus: list[dict], plot_dir: Path, top_k: int) ->
                                  (f"jaccard_top{top_k}", f"Jaccard overlap of the top {top_k}", focus),
                                  ("top1_in_top10", "share of row's top 1% in column's top 10%", focus)):
         names, values = matrix(subset, field)
+        if not np.isfinite(values).any():  # every Jaccard left empty: K covers every object scored
+            continue
         size = 3 + 0.35 * len(names)
         fig, ax = plt.subplots(figsize=(size + 1, size))
         image = ax.imshow(values, vmin=-1 if field == "spearman" else 0, vmax=1, cmap="RdBu_r" if field == "spearman" else "viridis")
