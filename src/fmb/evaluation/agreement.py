@@ -205,7 +205,8 @@ def whole_top_k_note(whole: list[str], top_k: int) -> str:
 def neighbour_rows(result: Detection) -> list[dict]:
     """For each neighbour graph (model/column): the mean percentile, under each model's fused score,
     of the neighbours of the graph model's top 1%, and of everyone's neighbours (the baseline); with
-    truth, the share of an anomaly's neighbours of its own kind against that kind's share of objects."""
+    truth, the share of an anomaly's neighbours of its own kind against the chance that another object
+    is of that kind, (m - 1) / (n - 1) for m of the kind among n (a neighbour is never the object itself)."""
     rows = []
     for graph, (scored, nb) in result.neighbours.items():
         model = graph.split("/")[0]
@@ -227,7 +228,7 @@ def neighbour_rows(result: Detection) -> list[dict]:
                 same = (neighbour_kinds[mine] == kind).mean()
                 rows.append({"graph": graph, "anomalies_by": "truth", "neighbours_scored_by": "truth",
                              "what": f"share of a {kind}'s neighbours that are {kind}", "value": float(same),
-                             "baseline": float(mine.mean())})
+                             "baseline": float((mine.sum() - 1) / (len(mine) - 1))})
     return rows
 
 
