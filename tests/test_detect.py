@@ -373,3 +373,15 @@ def test_a_top_k_of_every_object_leaves_its_jaccard_empty(tmp_path, caplog):
         tmp_path / "every" / "agreement.md").read_text()
     fewer = jaccards(29, "fewer")
     assert fewer["a/anomaly_score", "a/anomaly_score"] == 1.0 and 0.0 < fewer["a/anomaly_score", "b/anomaly_score"] <= 1.0
+
+
+def test_ties_at_the_top_k_cut_go_to_the_lower_object_ids(tmp_path):
+    images = np.tile(np.eye(4, dtype=np.float32)[:1], (12, 1))  # every pair the same: one tied mismatch...
+    spectra = images.copy()
+    spectra[[3, 7]] = np.eye(4, dtype=np.float32)[1]  # ...but rows 3 and 7, orthogonal: the two highest
+    ids = np.array([50, 40, 90, 10, 30, 70, 20, 60, 80, 15, 35, 55])  # not in order in the file
+    path = write_file(tmp_path / "t.parquet", ids, {"image": images, "spectrum": spectra})
+    result = detect([str(path)], tmp_path / "out", DetectOptions(scorers=("mismatch",), top_k=5))
+    assert [int(result.ids[r]) for r in result.top] == [10, 60, 15, 20, 30]
+    top = pa_csv.read_csv(tmp_path / "out" / "top_k.csv").column("object_id").to_pylist()
+    assert top == [10, 60, 15, 20, 30]

@@ -135,12 +135,13 @@ def scored_series(result: Detection) -> list[tuple[str, str, np.ndarray]]:
 
 
 def top_mask(values: np.ndarray, share: float) -> np.ndarray:
-    """The ceil(share x n) highest finite values (at least one)."""
+    """The ceil(share x n) highest finite values (at least one); ties at the cut as `top_rows`."""
     return top_rows(values, max(1, int(np.ceil(share * np.isfinite(values).sum()))))
 
 
 def top_rows(values: np.ndarray, count: int) -> np.ndarray:
-    """Mask of the `count` highest finite values."""
+    """Mask of the `count` highest finite values; ties at the cut go to the earlier rows, which in
+    `detect`'s aligned order (`fmb.embeddings.align`: sorted by object id) are the lower object ids."""
     finite = np.flatnonzero(np.isfinite(values))
     mask = np.zeros(len(values), bool)
     mask[finite[np.argsort(-values[finite], kind="stable")[:count]]] = True

@@ -11,7 +11,8 @@ of those an object has) into
 `model/anomaly_score`, re-ranked, and the models' ranks fused the same way into `anomaly_score`.
 Optional thresholds keep the objects at or above a percentile of named scores (`selected`).
 
-Written to the output directory: `anomalies.parquet` (every object, most anomalous first),
+Written to the output directory: `anomalies.parquet` (every object, most anomalous first; equal
+scores in object_id order, the objects' aligned order, so ties at the top-K cut go to the lower ids),
 `top_k.csv`, `summary.md`; with a `truth_anomaly` column, the truth metrics; and the cross-model
 agreement (`fmb.evaluation.agreement`).
 """
@@ -333,7 +334,7 @@ def output_table(result: Detection, order: np.ndarray) -> pa.Table:
 
 def write(result: Detection, out_dir: Path, options: DetectOptions) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    # most anomalous first; objects without any score last
+    # most anomalous first, ties in the aligned (object_id) order; objects without any score last
     order = np.argsort(-np.nan_to_num(result.anomaly_score, nan=-1.0), kind="stable")
     table = output_table(result, order)
     result.files["scores"] = out_dir / "anomalies.parquet"
