@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 from tqdm import tqdm
 
-from fmb.embeddings import EmbeddingParts, embedding_table
+from fmb.embeddings import EmbeddingParts, embedding_table, host_array
 from fmb.errors import ConfigError, DataError, FmbError
 from fmb.train import checkpoint as ckpt
 from fmb.train.distributed import barrier, gather_objects, shutdown_distributed
@@ -125,7 +125,7 @@ class ChunkRows:
     def add(self, n: int, ids: Any, targets: dict[str, Any], vectors: dict[str, Any], present: dict[str, Any]) -> None:
         for kind, values in (("ids", {"": ids}), ("targets", targets), ("vectors", vectors), ("present", present)):
             for name, value in values.items():
-                value = _host_array(value)
+                value = host_array(value)
                 self.counts[kind, name] = self.counts.get((kind, name), 0) + len(value)
                 if not isinstance(value, np.ndarray):  # strings (ids of some surveys, text truth): a list
                     self.columns.setdefault((kind, name), []).extend(value)
@@ -146,14 +146,6 @@ class ChunkRows:
         def of(kind: str) -> dict[str, Any]:
             return {name: values for (k, name), values in self.columns.items() if k == kind}
         return embedding_table(of("ids")[""], of("targets"), of("vectors"), of("present"))
-
-
-def _host_array(value: Any) -> Any:
-    """A batch's column as a host NumPy array (half-precision tensors as float32); lists stay lists."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
-    return value
 
 
 def run_embed(family: Any, checkpoint: Path, out: Path, options: EmbedOptions) -> EmbedResult:
