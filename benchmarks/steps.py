@@ -1,9 +1,11 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<name>.py`, which puts this folder on
-sys.path): one optimizer step of a model, paired, interleaved timing rounds, and the peak resident
-memory of a command."""
+sys.path): one optimizer step of a model, paired, interleaved timing rounds, the peak resident
+memory of a command, and the `--threads` command line of the CPU training benchmarks."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import statistics
 import subprocess
 import sys
@@ -58,6 +60,16 @@ def ratio_summary(ours: list[float], peer: list[float]) -> str:
     """Median of the round-by-round time ratios, with their range."""
     ratios = sorted(o / p for o, p in zip(ours, peer, strict=True))
     return f"{statistics.median(ratios):.3f} (paired rounds: {ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)})"
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`parser`'s arguments with `--threads` added: torch's CPU threads set from it, and logging at
+    warnings only, so what the benchmark prints is its table."""
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    return args
 
 
 # Started by a small launcher process: a child started straight from a benchmark script reports the
