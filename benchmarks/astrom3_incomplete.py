@@ -13,13 +13,12 @@ step, mean +- standard deviation over seeds.
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
+from steps import parse_with_threads
 
 from fmb.models import write_synthetic
 from fmb.models.astrom3.trainer import AstroM3Trainer
@@ -70,10 +69,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="data seed")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per case")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
+    args = parse_with_threads(parser)
     start = time.perf_counter()
     print(f"synthetic AstroM3, {args.objects} objects, {args.steps} steps from scratch, validation accuracy at the "
           f"last step over training seeds {args.seed}..{args.seed + args.seeds - 1}")

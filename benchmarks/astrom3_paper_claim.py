@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
+from steps import parse_with_threads
 
 from fmb.models import get_family, write_synthetic
 from fmb.models.astrom3.trainer import AstroM3Trainer, classification_metrics
@@ -58,10 +57,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0, help="data and CLIP seed")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
+    args = parse_with_threads(parser)
     start = time.perf_counter()
 
     data = args.out / "data"

@@ -21,11 +21,11 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from steps import peak_rss
 
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32"]
 BATCH = 64
@@ -33,30 +33,6 @@ BATCH = 64
 
 def fmb(*args: str) -> list[str]:
     return [sys.executable, "-m", "fmb", *args]
-
-
-# Started by a small launcher process: a child forked straight from this script would report this
-# script's own peak (the kernel keeps the larger of the pre-exec and post-exec peaks).
-LAUNCH = """import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execvp(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def peak_rss(command: list[str], log: Path) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of one process."""
-    start = time.perf_counter()
-    peak = log.with_suffix(".maxrss")
-    with log.open("w") as out:
-        code = subprocess.run([sys.executable, "-c", LAUNCH, str(peak), *command], stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-    if code != 0:
-        raise SystemExit(f"failed ({code}): {' '.join(command)}\n{log.read_text()[-3000:]}")
-    return int(peak.read_text()) / 1024, time.perf_counter() - start
 
 
 def to_save_to_disk(parquet_root: Path, out: Path) -> Path:
@@ -123,7 +99,7 @@ def main() -> None:
                                   "--set", "train.num_workers=0", "--set", "train.eval_at_start=false",
                                   "--set", "train.eval_every=100000", "--set", "train.checkpoint.every=100000")
                     subprocess.run(["rm", "-rf", str(args.work / name)], check=True)
-                rss, seconds = peak_rss(command, logs / f"{name}.log")
+                rss, seconds = peak_rss(command, logs / f"{name}.log", {**os.environ, "OMP_NUM_THREADS": "1"})
                 results.append({"case": case, "layout": layout, "objects": n, "peak_rss_mib": rss, "seconds": seconds})
                 print(f"{case:<6} {layout:<8} {n:>6} objects: peak RSS {rss:7.1f} MiB ({seconds:.0f} s)", flush=True)
 

@@ -1,11 +1,17 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<name>.py`, which puts this folder on
-sys.path): one optimizer step of a model, and paired, interleaved timing rounds."""
+sys.path): one optimizer step of a model, paired, interleaved timing rounds, the peak resident
+memory of a command, and the `--threads` command line of the CPU training benchmarks."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,3 +60,39 @@ def ratio_summary(ours: list[float], peer: list[float]) -> str:
     """Median of the round-by-round time ratios, with their range."""
     ratios = sorted(o / p for o, p in zip(ours, peer, strict=True))
     return f"{statistics.median(ratios):.3f} (paired rounds: {ratios[0]:.3f}-{ratios[-1]:.3f} over {len(ratios)})"
+
+
+def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """`parser`'s arguments with `--threads` added: torch's CPU threads set from it, and logging at
+    warnings only, so what the benchmark prints is its table."""
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a busy machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    return args
+
+
+# Started by a small launcher process: a child started straight from a benchmark script reports the
+# script's own peak when that is larger (the kernel keeps the larger of the pre-exec and post-exec peaks).
+LAUNCH = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss(command: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of one process running `command` (Linux: `wait4`'s kilobytes),
+    its output in `log`, `env` its environment (None: this one's); a failure stops the benchmark
+    with the log's tail."""
+    start = time.perf_counter()
+    peak = log.with_suffix(".maxrss")
+    with log.open("w") as out:
+        code = subprocess.run([sys.executable, "-c", LAUNCH, str(peak), *command], stdout=out, stderr=subprocess.STDOUT,
+                              env=env).returncode
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(command)}\n{log.read_text()[-3000:]}")
+    return int(peak.read_text()) / 1024, time.perf_counter() - start

@@ -9,23 +9,19 @@ generators write in chunks, so the ratio should stay near 1 as N grows).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
+from pathlib import Path
+
+from steps import peak_rss
 
 
 def peak(kind: str, n: int, extra: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one `fmb data synth` run."""
-    with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "fmb", "data", "synth", kind, "-o", out, "-n", str(n), *extra],
-                                 stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"fmb data synth {kind} -n {n} failed")
-        return time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux: kilobytes
+    with tempfile.TemporaryDirectory() as work:
+        command = [sys.executable, "-m", "fmb", "data", "synth", kind, "-o", f"{work}/data", "-n", str(n), *extra]
+        rss, seconds = peak_rss(command, Path(work) / "synth.log")
+        return seconds, rss
 
 
 def main() -> None:

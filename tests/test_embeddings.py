@@ -67,6 +67,16 @@ def test_a_chunk_gathers_its_batches_into_arrays_allocated_once():
     assert gathered.table().equals(expected)
 
 
+def test_a_chunk_with_a_column_some_batches_lacked_is_refused():
+    """A column missing from one batch would leave rows of the chunk's array uninitialised: the chunk is
+    not written, and the error names the column and how many of its rows were given."""
+    gathered = ChunkRows(4)
+    gathered.add(2, torch.arange(2), {"redshift": torch.zeros(2)}, {"joint": torch.randn(2, 3)}, {})
+    gathered.add(2, torch.arange(2, 4), {}, {"joint": torch.randn(2, 3)}, {})
+    with pytest.raises(DataError, match="targets column 'redshift' was given for 2 rows"):
+        gathered.table()
+
+
 def test_joint_embedding_uses_the_modalities_present():
     a, b = torch.tensor([[3.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 5.0]])
     joint = joint_embedding({"a": a, "b": b}, {"a": torch.tensor([True, True]), "b": torch.tensor([True, False])})

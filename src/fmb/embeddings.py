@@ -44,26 +44,35 @@ def joint_embedding(vectors: dict[str, torch.Tensor], present: dict[str, torch.T
     return F.normalize(total, dim=-1)
 
 
+def host_array(value: Any) -> Any:
+    """A column as a host NumPy array (half-precision tensors as float32: NumPy has no bfloat16);
+    anything but a tensor (lists of strings, arrays) as it is."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
+    return value
+
+
 def embedding_table(object_id: Any, targets: dict[str, Any], embeddings: dict[str, torch.Tensor | np.ndarray],
                     present: dict[str, Any] | None = None) -> pa.Table:
     """Rows in the schema: object_id, target columns, `embedding_<name>` fixed-size float32 lists
     (null where `present` is False)."""
-    ids = np.asarray(object_id.cpu() if isinstance(object_id, torch.Tensor) else object_id)
+    ids = np.asarray(host_array(object_id))
     # integer ids stay int64; surveys with string ids (S-PLUS) keep strings
     columns: dict[str, pa.Array] = {"object_id": pa.array(ids.astype(np.int64) if ids.dtype.kind in "iu" else ids.tolist())}
     for name, values in targets.items():
-        values = values.cpu().numpy() if isinstance(values, torch.Tensor) else values
+        values = host_array(values)
         if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
             columns[name] = pa.array([v or None for v in values], pa.string())  # text crosses the loader with "" for null
         else:
             columns[name] = pa.array(values.tolist() if isinstance(values, np.ndarray) else values)
     for name, matrix in embeddings.items():
-        matrix = matrix.detach().float().cpu().numpy() if isinstance(matrix, torch.Tensor) else np.asarray(matrix, np.float32)
+        matrix = np.asarray(host_array(matrix), np.float32)
         mask = None
         if present and name in present:
-            keep = present[name].cpu().numpy() if isinstance(present[name], torch.Tensor) else np.asarray(present[name])
+            keep = np.asarray(host_array(present[name]))
             mask = pa.array(~keep.astype(bool))
-        flat = pa.array(matrix.astype(np.float32).reshape(-1))
+        flat = pa.array(matrix.reshape(-1))
         columns[f"{EMBEDDING_PREFIX}{name}"] = pa.FixedSizeListArray.from_arrays(flat, matrix.shape[1], mask=mask)
     return pa.table(columns)
 

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Sampler
 from tqdm import tqdm
 
-from fmb.embeddings import EmbeddingParts, embedding_table
+from fmb.embeddings import EmbeddingParts, embedding_table, host_array
 from fmb.errors import ConfigError, DataError, FmbError
 from fmb.train import checkpoint as ckpt
 from fmb.train.distributed import barrier, gather_objects, shutdown_distributed
@@ -94,8 +94,10 @@ class ChunkBatches(Sampler[list[int]]):
 
     def __init__(self, total: int, batch_size: int, chunk_rows: int, chunks: list[int]) -> None:
         self.plan: list[tuple[int, list[int], bool]] = []  # (chunk, row indices, last batch of the chunk)
+        self.chunk_sizes: dict[int, int] = {}  # chunk -> its number of rows (the last chunk may be short)
         for chunk in chunks:
             rows = range(chunk * chunk_rows, min((chunk + 1) * chunk_rows, total))
+            self.chunk_sizes[chunk] = len(rows)
             starts = list(range(rows.start, rows.stop, batch_size))
             for k, start in enumerate(starts):
                 self.plan.append((chunk, list(range(start, min(start + batch_size, rows.stop))), k == len(starts) - 1))
@@ -118,11 +120,13 @@ class ChunkRows:
         self.rows = rows
         self.filled = 0
         self.columns: dict[tuple[str, str], np.ndarray | list] = {}  # (kind, name) -> values of the chunk
+        self.counts: dict[tuple[str, str], int] = {}  # (kind, name) -> rows given so far
 
     def add(self, n: int, ids: Any, targets: dict[str, Any], vectors: dict[str, Any], present: dict[str, Any]) -> None:
         for kind, values in (("ids", {"": ids}), ("targets", targets), ("vectors", vectors), ("present", present)):
             for name, value in values.items():
-                value = _host_array(value)
+                value = host_array(value)
+                self.counts[kind, name] = self.counts.get((kind, name), 0) + len(value)
                 if not isinstance(value, np.ndarray):  # strings (ids of some surveys, text truth): a list
                     self.columns.setdefault((kind, name), []).extend(value)
                     continue
@@ -132,17 +136,16 @@ class ChunkRows:
         self.filled += n
 
     def table(self) -> pa.Table:
+        """The chunk's rows; every column must have one value per row (a column some batches lacked
+        would otherwise be written with uninitialised or shifted values)."""
+        for (kind, name), count in self.counts.items():
+            if count != self.rows:
+                raise DataError(f"embedding chunk of {self.rows} rows: {kind} column '{name or 'object_id'}' "
+                                f"was given for {count} rows; every batch must give every column")
+
         def of(kind: str) -> dict[str, Any]:
-            return {name: values[:self.filled] for (k, name), values in self.columns.items() if k == kind}
+            return {name: values for (k, name), values in self.columns.items() if k == kind}
         return embedding_table(of("ids")[""], of("targets"), of("vectors"), of("present"))
-
-
-def _host_array(value: Any) -> Any:
-    """A batch's column as a host NumPy array (half-precision tensors as float32); lists stay lists."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu()
-        return (value.float() if value.dtype in (torch.float16, torch.bfloat16) else value).numpy()
-    return value
 
 
 def run_embed(family: Any, checkpoint: Path, out: Path, options: EmbedOptions) -> EmbedResult:
@@ -234,7 +237,7 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
             with env.autocast():
                 result = trainer.embed_batch(model, to_device(batch, env.device))
             if gathered is None:
-                gathered = ChunkRows(min((chunk + 1) * options.chunk_rows, total) - chunk * options.chunk_rows)
+                gathered = ChunkRows(sampler.chunk_sizes[chunk])
             names = [split_names[s] for s in split_of_row[rows]]
             gathered.add(len(rows), result.ids if result.ids is not None else ids,
                          {**targets, **result.targets, "split": names}, result.vectors, result.present)
