@@ -60,13 +60,12 @@ def rgb_patches(image_struct: dict | None, size: int, patch: int) -> torch.Tenso
 
 def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to a multiple of `patch` with zeros; a patch is valid when all its real pixels are."""
-    pad = (-len(values)) % patch
-    values = np.pad(values, (0, pad))
-    real = np.pad(np.ones_like(valid), (0, pad))
-    valid = np.pad(valid, (0, pad))
-    tokens = torch.from_numpy(values.reshape(-1, patch))
-    mask = torch.from_numpy((valid | ~real).reshape(-1, patch).all(axis=1))
-    return tokens, mask
+    size = len(values)
+    padded = np.zeros(size + (-size) % patch, values.dtype)
+    padded[:size] = values
+    known = np.ones(len(padded), bool)  # the padding counts as valid
+    known[:size] = valid
+    return torch.from_numpy(padded.reshape(-1, patch)), torch.from_numpy(known.reshape(-1, patch).all(axis=1))
 
 
 class EuclidDesiPatches(Dataset):
