@@ -177,7 +177,7 @@ def desi_flux(spectrum: dict | None, grid: int = DESI_PIXELS, resample: bool = F
     """
     if spectrum is None or spectrum.get("flux") is None:
         return None
-    flux = np.asarray(spectrum["flux"], dtype=np.float64).reshape(-1)
+    flux = np.array(spectrum["flux"], dtype=np.float64).reshape(-1)  # a copy: its non-finite values become NaN in place
     wavelength = spectrum.get("wavelength")
     if wavelength is not None:
         wavelength = np.asarray(wavelength, dtype=np.float64).reshape(-1)
@@ -195,8 +195,10 @@ def desi_flux(spectrum: dict | None, grid: int = DESI_PIXELS, resample: bool = F
                 what += f" ({np.nanmin(wavelength):.1f}-{np.nanmax(wavelength):.1f} A)"
             fix = " (data.resample_spectra=true interpolates spectra that carry their wavelengths)" if wavelength is not None else ""
             raise DataError(f"the spectrum has {what} where the DESI grid has {grid} pixels, 3600-9824 A in 0.8 A steps{fix}")
-    flux = np.where(np.isfinite(flux), flux, np.nan)
-    finite = int(np.isfinite(flux).sum())
+    good = np.isfinite(flux)
+    finite = int(np.count_nonzero(good))
+    if finite < len(flux):
+        flux[~good] = np.nan
     if finite < 2:
         raise DataError(f"the spectrum has {finite} finite flux values of {len(flux)}")
     return flux
@@ -210,14 +212,17 @@ def clean_spectrum(spectrum: dict | None, length: int = DESI_PIXELS, grid: int =
     if flux is None:
         return None
     valid = np.isfinite(flux)
-    std = float(flux[valid].std())
+    complete = bool(valid.all())
+    std = float((flux if complete else flux[valid]).std())
     if not np.isfinite(std) or std <= 0.0:
         raise DataError("the spectrum is flat (zero spread of its finite flux)")
-    values = np.where(valid, flux / std, 0.0).astype(np.float32)[:length]
-    valid = valid[:length]
-    if len(values) < length:
-        values, valid = np.pad(values, (0, length - len(values))), np.pad(valid, (0, length - len(valid)))
-    return values, valid
+    kept = min(length, len(flux))
+    values, mask = np.zeros(length, np.float32), np.zeros(length, bool)
+    values[:kept] = flux[:kept] / std  # divided in float64, then rounded to float32
+    mask[:kept] = valid[:kept]
+    if not complete:
+        values[:kept][~mask[:kept]] = 0.0
+    return values, mask
 
 
 def _onto_grid(wavelength: np.ndarray, flux: np.ndarray, grid: np.ndarray) -> np.ndarray:
