@@ -191,6 +191,9 @@ def test_spectrum_cleaning_pads_trims_masks_and_guards_zero_spread():
     assert len(trimmed) == 8
     tokens, mask = spectrum_patches(values, valid, 3)
     assert tokens.shape == (3, 3) and mask.tolist() == [False, False, False]
+    tokens, mask = spectrum_patches(np.arange(7, dtype=np.float32), np.array([1, 1, 1, 0, 1, 1, 1], bool), 3)
+    assert tokens.tolist() == [[0, 1, 2], [3, 4, 5], [6, 0, 0]] and tokens.dtype == torch.float32
+    assert mask.tolist() == [True, False, True]  # the padding of the last patch counts as valid
     np.testing.assert_array_equal(inverse_variance(np.array([0.5, 0.0, np.nan, -1.0])), [4.0, 0.0, 0.0, 0.0])
 
 
