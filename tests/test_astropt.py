@@ -217,6 +217,22 @@ def test_spectra_off_the_desi_grid_say_what_is_wrong_or_are_resampled():
     assert not valid[:125].any() and valid[126:].all()  # below 3700 A the shifted spectrum has no data
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy on the wavelengths of the all-NaN case
+def test_a_wavelength_grid_accepted_before_does_not_let_a_different_one_through():
+    grid = 3600.0 + 0.8 * np.arange(7781)
+    flux = np.sin(grid / 50.0)
+    with_gaps = grid.copy()
+    with_gaps[[0, 500]] = np.nan  # pixels without a wavelength are not checked
+    for _ in range(2):  # a second time the grid is the one accepted last
+        assert clean_spectrum({"flux": flux, "wavelength": with_gaps.astype(np.float32)}) is not None
+    nudged = with_gaps.copy()
+    nudged[1000] += 0.06
+    for wavelength in (nudged, grid + 0.06, np.full(7781, np.nan)):
+        with pytest.raises(DataError, match="the same number of pixels on another grid"):
+            clean_spectrum({"flux": flux, "wavelength": wavelength})
+    assert clean_spectrum({"flux": flux, "wavelength": grid + 0.04}) is not None
+
+
 def test_unusable_modalities_become_faults_with_file_and_row(tmp_path, caplog):
     table = synth.make_table(4, seed=1, image_size=16)
     images = table.column("RGB_image").to_pylist()
