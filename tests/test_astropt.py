@@ -191,6 +191,9 @@ def test_spectrum_cleaning_pads_trims_masks_and_guards_zero_spread():
     assert len(trimmed) == 8
     tokens, mask = spectrum_patches(values, valid, 3)
     assert tokens.shape == (3, 3) and mask.tolist() == [False, False, False]
+    tokens, mask = spectrum_patches(np.arange(7, dtype=np.float32), np.array([1, 1, 1, 0, 1, 1, 1], bool), 3)
+    assert tokens.tolist() == [[0, 1, 2], [3, 4, 5], [6, 0, 0]] and tokens.dtype == torch.float32
+    assert mask.tolist() == [True, False, True]  # the padding of the last patch counts as valid
     np.testing.assert_array_equal(inverse_variance(np.array([0.5, 0.0, np.nan, -1.0])), [4.0, 0.0, 0.0, 0.0])
 
 
@@ -212,6 +215,22 @@ def test_spectra_off_the_desi_grid_say_what_is_wrong_or_are_resampled():
     np.testing.assert_allclose(values[valid], reference[valid], atol=0.02)
     values, valid = clean_spectrum(shifted, resample=True)
     assert not valid[:125].any() and valid[126:].all()  # below 3700 A the shifted spectrum has no data
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # numpy on the wavelengths of the all-NaN case
+def test_a_wavelength_grid_accepted_before_does_not_let_a_different_one_through():
+    grid = 3600.0 + 0.8 * np.arange(7781)
+    flux = np.sin(grid / 50.0)
+    with_gaps = grid.copy()
+    with_gaps[[0, 500]] = np.nan  # pixels without a wavelength are not checked
+    for _ in range(2):  # a second time the grid is the one accepted last
+        assert clean_spectrum({"flux": flux, "wavelength": with_gaps.astype(np.float32)}) is not None
+    nudged = with_gaps.copy()
+    nudged[1000] += 0.06
+    for wavelength in (nudged, grid + 0.06, np.full(7781, np.nan)):
+        with pytest.raises(DataError, match="the same number of pixels on another grid"):
+            clean_spectrum({"flux": flux, "wavelength": wavelength})
+    assert clean_spectrum({"flux": flux, "wavelength": grid + 0.04}) is not None
 
 
 def test_unusable_modalities_become_faults_with_file_and_row(tmp_path, caplog):

@@ -92,6 +92,25 @@ def test_struct_children_are_projected(tmp_path, layout):
     assert set(whole.row(5)["spectrum"]) == {"flux", "wavelength", "error"}  # the whole struct wins
 
 
+def test_row_values_of_nulls_ragged_and_nested_columns(tmp_path):
+    table = pa.table({
+        "cube": pa.array([[[1.0, 2.0], [3.0, 4.0]], [[1.0], [2.0, 3.0]], [[5.0], None], None], pa.list_(pa.list_(pa.float32()))),
+        "meta": pa.array([{"n": 1, "inner": {"x": 2}}, {"n": None, "inner": None}, None, {"n": 4, "inner": {"x": None}}],
+                         pa.struct([("n", pa.int64()), ("inner", pa.struct([("x", pa.int8())]))])),
+        "tags": pa.array([["a"], [], None, ["b", None]], pa.list_(pa.string())),
+    })
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=3)  # the last row in a second row group
+    source = TableSource(tmp_path / "t.parquet", ["cube", "meta", "tags"])
+    first, ragged, with_null, last = (source.row(i) for i in range(4))
+    np.testing.assert_array_equal(first["cube"], [[1.0, 2.0], [3.0, 4.0]])  # rectangular: one 2-D array
+    assert first["meta"] == {"n": 1, "inner": {"x": 2}} and list(first["tags"]) == ["a"]
+    assert [list(r) for r in ragged["cube"]] == [[1.0], [2.0, 3.0]]  # ragged: one array per row
+    assert ragged["meta"] == {"n": None, "inner": None} and len(ragged["tags"]) == 0
+    assert list(with_null["cube"][0]) == [5.0] and with_null["cube"][1] is None
+    assert with_null["meta"] is None and with_null["tags"] is None
+    assert last["cube"] is None and last["meta"] == {"n": 4, "inner": {"x": None}} and list(last["tags"]) == ["b", None]
+
+
 def test_arrow_pages_are_released_and_parquet_is_not_mapped(tmp_path):
     from fmb.data import tables
 

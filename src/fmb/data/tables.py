@@ -231,7 +231,9 @@ class TableSource:
         chunk = bisect.bisect_right(self._starts, index) - 1
         table = self._chunk_table(chunk)
         offset = index - self._starts[chunk]
-        return {name: to_numpy_value(_one(table.column(name), offset), children) for name, children in self.fields.items()}
+        # a scalar of the chunk holding the row: no slice or concatenation (which copies, and touches
+        # memory-mapped pages far beyond the row), at a quarter of the cost of one-element arrays
+        return {name: to_numpy_value(table.column(name)[offset], children) for name, children in self.fields.items()}
 
     def column(self, name: str) -> np.ndarray:
         """One whole scalar column (ids, redshifts) as an array, reading only that column."""
@@ -266,12 +268,6 @@ class TableSource:
                     elif chunk.num_values > stats.null_count:
                         return True
         return False
-
-
-def _one(column: pa.ChunkedArray, offset: int) -> pa.Array:
-    """Element `offset` as a one-element array: a slice of its chunk, never a concatenation (which
-    copies, and touches memory-mapped pages far beyond the row, from every chunk it spans)."""
-    return next(chunk for chunk in column.slice(offset, 1).chunks if len(chunk))
 
 
 def _inspect(file: Path) -> tuple[pa.Schema, list[int]]:
@@ -324,27 +320,26 @@ def _read_ipc(source: Any) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def to_numpy_value(array: pa.Array, children: list[str] | None = None) -> Any:
-    """Convert a one-element Arrow array to Python/NumPy (see TableSource.row); of a struct, only the
+def to_numpy_value(value: pa.Scalar, children: list[str] | None = None) -> Any:
+    """Convert an Arrow scalar to Python/NumPy (see TableSource.row); of a struct, only the
     `children` named (those it has), when given."""
-    if array.null_count:
+    if not value.is_valid:
         return None
-    kind = array.type
+    kind = value.type
     if pa.types.is_struct(kind):
-        names = [kind.field(i).name for i in range(kind.num_fields)]
-        return {name: to_numpy_value(child) for name, child in zip(names, array.flatten(), strict=True)
-                if children is None or name in children}
+        return {kind.field(i).name: to_numpy_value(value[i]) for i in range(kind.num_fields)
+                if children is None or kind.field(i).name in children}
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        values = array.flatten()
+        values = value.values
         inner = values.type
         if pa.types.is_list(inner) or pa.types.is_large_list(inner) or pa.types.is_fixed_size_list(inner):
             rows = len(values)
             flat = values.flatten()
             if rows and len(flat) % rows == 0 and values.null_count == 0:
                 return flat.to_numpy(zero_copy_only=False).reshape(rows, -1)
-            return [to_numpy_value(values.slice(i, 1)) for i in range(rows)]
+            return [to_numpy_value(values[i]) for i in range(rows)]
         return values.to_numpy(zero_copy_only=False)
-    return array[0].as_py()
+    return value.as_py()
 
 
 def rows_by_id(path: str | Path, ids: np.ndarray | list, columns: list[str], id_column: str = "object_id") -> list[dict | None]:
