@@ -102,7 +102,9 @@ def test_row_values_of_nulls_ragged_and_nested_columns(tmp_path):
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=3)  # the last row in a second row group
     source = TableSource(tmp_path / "t.parquet", ["cube", "meta", "tags"])
     first, ragged, with_null, last = (source.row(i) for i in range(4))
-    np.testing.assert_array_equal(first["cube"], [[1.0, 2.0], [3.0, 4.0]])  # rectangular: one 2-D array
+    assert isinstance(first["cube"], np.ndarray) and first["cube"].dtype == np.float32  # rectangular: one 2-D array
+    np.testing.assert_array_equal(first["cube"], [[1.0, 2.0], [3.0, 4.0]])
+    assert isinstance(ragged["cube"], list) and isinstance(first["tags"], np.ndarray)
     assert first["meta"] == {"n": 1, "inner": {"x": 2}} and list(first["tags"]) == ["a"]
     assert [list(r) for r in ragged["cube"]] == [[1.0], [2.0, 3.0]]  # ragged: one array per row
     assert ragged["meta"] == {"n": None, "inner": None} and len(ragged["tags"]) == 0

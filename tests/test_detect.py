@@ -349,7 +349,11 @@ def test_truth_directory_errors_read_as_the_catalogues(tmp_path):
     with pytest.raises(DataError, match="test-0.parquet: id column 'object_id' has missing or non-integer values"):
         read_truth(str(root), "object_id")
     pq.write_table(pa.table({"object_id": [2, 5], "truth_anomaly": [None, None]}), root / "test-0.parquet")
-    with pytest.raises(DataError, match=r"data: 1 duplicate values in id column 'object_id' \(1 ids repeated, e.g. 2\)"):
+    with pytest.raises(DataError, match=r"data: 1 duplicate values in id column 'object_id' \(1 ids repeated, e.g. 2; "
+                                         r"2 is in test-0.parquet, train-0.parquet\)"):
+        read_truth(str(root), "object_id")
+    pq.write_table(pa.table({"object_id": ["3", "x"], "truth_anomaly": [None, None]}), root / "test-0.parquet")
+    with pytest.raises(DataError, match=r"train-0.parquet: id column .object_id. holds integer ids where .*test-0.parquet holds text ids"):
         read_truth(str(root), "object_id")
 
 

@@ -55,7 +55,7 @@ def test_a_chunk_gathers_its_batches_into_arrays_allocated_once():
     arrays made at the chunk's first batch, and the chunk's table equals one built from all rows."""
     ids, redshift, vectors = torch.arange(5), torch.linspace(0, 1, 5, dtype=torch.float64), torch.randn(5, 3)
     present, text = torch.tensor([True, False, True, True, False]), ["", "streak", "", "", "glint"]
-    gathered = ChunkRows(5)
+    gathered = ChunkRows(5, chunk=0)
     for rows in (slice(0, 3), slice(3, 5)):
         gathered.add(len(ids[rows]), ids[rows], {"redshift": redshift[rows], "truth_anomaly": text[rows]},
                      {"joint": vectors[rows].to(torch.bfloat16)}, {"joint": present[rows]})
@@ -70,11 +70,13 @@ def test_a_chunk_gathers_its_batches_into_arrays_allocated_once():
 def test_a_chunk_with_a_column_some_batches_lacked_is_refused():
     """A column missing from one batch would leave rows of the chunk's array uninitialised: the chunk is
     not written, and the error names the column and how many of its rows were given."""
-    gathered = ChunkRows(4)
+    gathered = ChunkRows(4, chunk=3)
     gathered.add(2, torch.arange(2), {"redshift": torch.zeros(2)}, {"joint": torch.randn(2, 3)}, {})
     gathered.add(2, torch.arange(2, 4), {}, {"joint": torch.randn(2, 3)}, {})
-    with pytest.raises(DataError, match="targets column 'redshift' was given for 2 rows"):
+    with pytest.raises(DataError, match=r"embedding chunk 3 \(4 rows\): targets column 'redshift' was given for 2 rows"):
         gathered.table()
+    with pytest.raises(DataError, match="embedding chunk 3: a batch of 2 rows gave 1 values for vectors column 'joint'"):
+        ChunkRows(4, chunk=3).add(2, torch.arange(2), {}, {"joint": torch.randn(1, 3)}, {})
 
 
 def test_joint_embedding_uses_the_modalities_present():

@@ -232,7 +232,7 @@ class TableSource:
         table = self._chunk_table(chunk)
         offset = index - self._starts[chunk]
         # a scalar of the chunk holding the row: no slice or concatenation (which copies, and touches
-        # memory-mapped pages far beyond the row), at a quarter of the cost of one-element arrays
+        # memory-mapped pages far beyond the row), at a quarter to a half of the cost of one-element arrays
         return {name: to_numpy_value(table.column(name)[offset], children) for name, children in self.fields.items()}
 
     def column(self, name: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fmb.embeddings import EmbeddingFile
+from fmb.errors import DataError
 from fmb.evaluation import anomaly
 from fmb.evaluation.catalog import (
     Catalog,
@@ -87,13 +88,18 @@ def read_truth(path: str, id_column: str) -> Catalog:
 
     root = Path(path)
     if root.is_dir() or root.suffix == ".parquet":
-        ids, labels = [], []
-        for file in resolve_files(root, None):  # the catalogue's checks, file by file
+        ids, labels, origins = [], [], []
+        files = resolve_files(root, None)
+        for file in files:  # the catalogue's checks, file by file
             columns, _ = read_columns(file, [id_column, TRUTH_COLUMN])
             ids.append(id_values(columns[id_column], file, id_column))
             labels.append(normal_labels(columns[TRUTH_COLUMN]))
+            origins.append(np.full(len(ids[-1]), file.name, dtype=object))
+            kinds = ["text" if i.dtype == object else "integer" for i in (ids[0], ids[-1])]
+            if kinds[0] != kinds[1]:
+                raise DataError(f"{file}: id column '{id_column}' holds {kinds[1]} ids where {files[0]} holds {kinds[0]} ids")
         all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
-        check_unique(all_ids, root, id_column)
+        check_unique(all_ids, root, id_column, np.concatenate(origins))
         missing = int(sum(v is None for v in all_labels))
         return Catalog(root, all_ids, {TRUTH_COLUMN: all_labels}, missing={TRUTH_COLUMN: missing})
     return read_catalog(root, id_column, {TRUTH_COLUMN: TRUTH_COLUMN}, sentinels=())
@@ -296,7 +302,7 @@ def heatmaps(rows: list[dict], focus: list[dict], plot_dir: Path, top_k: int) ->
                                  (f"jaccard_top{top_k}", f"Jaccard overlap of the top {top_k}", focus),
                                  ("top1_in_top10", "share of row's top 1% in column's top 10%", focus)):
         names, values = matrix(subset, field)
-        if not np.isfinite(values).any():  # every Jaccard left empty: K covers every object scored
+        if not np.isfinite(values).any():  # nothing to show (e.g. every Jaccard empty: K covers every object)
             continue
         size = 3 + 0.35 * len(names)
         fig, ax = plt.subplots(figsize=(size + 1, size))

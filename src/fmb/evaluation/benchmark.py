@@ -37,16 +37,14 @@ from fmb.config import ConfigLayers, build, read_yaml
 from fmb.embeddings import EMBEDDING_PREFIX, EmbeddingFile, align, load_embeddings
 from fmb.errors import CheckpointError, ConfigError, DataError
 from fmb.evaluation.catalog import SENTINELS, join, read_catalog
-from fmb.evaluation.metrics import OUTLIER_THRESHOLD, is_redshift
+from fmb.evaluation.metrics import OUTLIER_THRESHOLD, ZERO_SHOT, is_redshift, is_zero_shot
 from fmb.evaluation.probes import FEW_SHOT_DRAWS, PROBES, Folds, make_folds
 from fmb.evaluation.run import (
     FIELDS,
-    ZERO_SHOT,
     Task,
     evaluate_task,
     interval,
     is_classification,
-    is_zero_shot,
     write_csv,
     zero_shot_rows,
 )

@@ -132,12 +132,17 @@ def id_values(values: np.ndarray, path: Path, column: str) -> np.ndarray:
     return np.array([str(v).strip() for v in values], dtype=object)
 
 
-def check_unique(ids: np.ndarray, path: Path, column: str) -> None:
+def check_unique(ids: np.ndarray, path: Path, column: str, origins: np.ndarray | None = None) -> None:
+    """Refuse repeated object ids, naming a few; with `origins` (the file of each id), also the files
+    that hold the first repeated one."""
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) < len(ids):
         repeated = unique[counts > 1]
+        where = ""
+        if origins is not None:
+            where = f"; {repeated[0]} is in {', '.join(sorted({str(o) for o in origins[ids == repeated[0]]}))}"
         raise DataError(f"{path}: {int((counts - 1)[counts > 1].sum())} duplicate values in id column '{column}' "
-                        f"({len(repeated)} ids repeated, e.g. {', '.join(map(str, repeated[:3]))})")
+                        f"({len(repeated)} ids repeated, e.g. {', '.join(map(str, repeated[:3]))}{where})")
 
 
 def _target_values(values: np.ndarray, sentinels: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -20,9 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+ZERO_SHOT = "zero-shot"  # the probe of a model's own prediction column, scored as it is: no labels used
+
 OUTLIER_THRESHOLD = 0.15  # |dz| / (1 + z) above this is a catastrophic redshift outlier
 BOOTSTRAP_REPLICATES = 1000
 REPLICATES_PER_CHUNK = 100  # bounds memory: (chunk, objects) arrays
+
+
+def is_zero_shot(row: dict) -> bool:
+    """A row (or leaderboard entry) of a model's own prediction column rather than of a trained probe."""
+    return row["probe"] == ZERO_SHOT
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from fmb.errors import ConfigError
+from fmb.evaluation.metrics import is_zero_shot
 
 MAX_POINTS = 5000  # a projection of more objects draws a random subset of this size
 
@@ -134,9 +135,6 @@ def few_shot(rows: list[dict], metric: str, title: str, path: Path, key: str = "
     """Metric against the fraction of labels, one line per value of `key` (probe, or model), with its
     95% interval; the random-init baseline dashed; zero-shot figures (no labels) dotted across, in
     the colour of the curve of their `group` (e.g. the same model), else grey."""
-    # here, not at the top: run imports this module for its figures
-    from fmb.evaluation.run import is_zero_shot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     lines = {name: sorted((r for r in rows if r[key] == name and r["metric"] == metric), key=lambda r: r["labels"])

@@ -25,6 +25,7 @@ from fmb.errors import ConfigError, DataError
 from fmb.evaluation.catalog import Catalog, join
 from fmb.evaluation.metrics import (
     OUTLIER_THRESHOLD,
+    ZERO_SHOT,
     Estimate,
     is_redshift,
     mean_interval,
@@ -177,14 +178,6 @@ def _row(model: str, embedding: str, target: str, probe: str, labels: float, met
             "metric": metric, "value": value.value, "low": value.low, "high": value.high,
             "baseline": baseline.value if baseline else None, "baseline_low": baseline.low if baseline else None,
             "baseline_high": baseline.high if baseline else None, "n": n, "excluded": excluded}
-
-
-ZERO_SHOT = "zero-shot"  # the probe of a model's own prediction column, scored as it is: no labels used
-
-
-def is_zero_shot(row: dict) -> bool:
-    """A row (or leaderboard entry) of a model's own prediction column rather than of a trained probe."""
-    return row["probe"] == ZERO_SHOT
 
 
 def zero_shot_rows(model: EmbeddingFile, base: EmbeddingFile | None, task: Task, replicates: int, seed: int) -> list[dict]:

@@ -116,8 +116,9 @@ class ChunkRows:
     whole chunk, scattered through the C heap between each batch's large short-lived buffers, which
     the heap then could not reuse: +20-45 MiB of resident memory (docs/benchmarks.md, memory)."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, chunk: int) -> None:
         self.rows = rows
+        self.chunk = chunk
         self.filled = 0
         self.columns: dict[tuple[str, str], np.ndarray | list] = {}  # (kind, name) -> values of the chunk
         self.counts: dict[tuple[str, str], int] = {}  # (kind, name) -> rows given so far
@@ -126,7 +127,10 @@ class ChunkRows:
         for kind, values in (("ids", {"": ids}), ("targets", targets), ("vectors", vectors), ("present", present)):
             for name, value in values.items():
                 value = host_array(value)
-                self.counts[kind, name] = self.counts.get((kind, name), 0) + len(value)
+                if len(value) != n:
+                    raise DataError(f"embedding chunk {self.chunk}: a batch of {n} rows gave {len(value)} values for "
+                                    f"{kind} column '{name or 'object_id'}'")
+                self.counts[kind, name] = self.counts.get((kind, name), 0) + n
                 if not isinstance(value, np.ndarray):  # strings (ids of some surveys, text truth): a list
                     self.columns.setdefault((kind, name), []).extend(value)
                     continue
@@ -140,7 +144,7 @@ class ChunkRows:
         would otherwise be written with uninitialised or shifted values)."""
         for (kind, name), count in self.counts.items():
             if count != self.rows:
-                raise DataError(f"embedding chunk of {self.rows} rows: {kind} column '{name or 'object_id'}' "
+                raise DataError(f"embedding chunk {self.chunk} ({self.rows} rows): {kind} column '{name or 'object_id'}' "
                                 f"was given for {count} rows; every batch must give every column")
 
         def of(kind: str) -> dict[str, Any]:
@@ -237,7 +241,7 @@ def _embed_locked(trainer: Any, directory: Path, parts: EmbeddingParts, options:
             with env.autocast():
                 result = trainer.embed_batch(model, to_device(batch, env.device))
             if gathered is None:
-                gathered = ChunkRows(sampler.chunk_sizes[chunk])
+                gathered = ChunkRows(sampler.chunk_sizes[chunk], chunk)
             names = [split_names[s] for s in split_of_row[rows]]
             gathered.add(len(rows), result.ids if result.ids is not None else ids,
                          {**targets, **result.targets, "split": names}, result.vectors, result.present)

@@ -29,7 +29,7 @@ log = logging.getLogger("fmb")
 
 DESI_PIXELS = 7781
 DESI_WAVELENGTH = 3600.0 + 0.8 * np.arange(DESI_PIXELS)  # the coadd grid (Angstrom)
-_LAST_ON_GRID = b""  # float64 bytes of the last wavelength array found on that grid (see _on_desi_grid)
+DESI_WAVELENGTH.flags.writeable = False  # shared by every reader
 # truth columns holding text: the kind of a planted anomaly of synthetic data, null for normal objects
 TEXT_TRUTH_COLUMNS = ("truth_anomaly",)
 EUCLID_BAND_COLUMNS = ("VIS_image", "NISP_Y_image", "NISP_J_image", "NISP_H_image")
@@ -185,7 +185,8 @@ def desi_flux(spectrum: dict | None, grid: int = DESI_PIXELS, resample: bool = F
         if len(wavelength) != len(flux):
             raise DataError(f"the spectrum has {len(flux)} flux values but {len(wavelength)} wavelengths")
     expected = DESI_WAVELENGTH if grid == DESI_PIXELS else None
-    on_grid = len(flux) == grid and (wavelength is None or expected is None or not len(flux) or _on_desi_grid(wavelength))
+    on_grid = len(flux) == grid and (wavelength is None or expected is None or not len(flux)
+                                     or float(np.nanmax(np.abs(wavelength - expected))) < 0.05)
     if not on_grid:
         if resample and wavelength is not None and expected is not None:
             flux = _onto_grid(wavelength, flux, expected)
@@ -202,20 +203,6 @@ def desi_flux(spectrum: dict | None, grid: int = DESI_PIXELS, resample: bool = F
     if finite < 2:
         raise DataError(f"the spectrum has {finite} finite flux values of {len(flux)}")
     return flux
-
-
-def _on_desi_grid(wavelength: np.ndarray) -> bool:
-    """Whether float64 wavelengths, DESI_PIXELS of them, are the DESI grid within 0.05 A (NaN pixels
-    ignored). The bytes of the last array found on it are kept: a sample's spectra share one grid,
-    and comparing bytes (equal bytes, equal answer) costs a third of the check."""
-    global _LAST_ON_GRID
-    raw = wavelength.tobytes()
-    if raw == _LAST_ON_GRID:
-        return True
-    if float(np.nanmax(np.abs(wavelength - DESI_WAVELENGTH))) < 0.05:
-        _LAST_ON_GRID = raw
-        return True
-    return False
 
 
 def clean_spectrum(spectrum: dict | None, length: int = DESI_PIXELS, grid: int = DESI_PIXELS,

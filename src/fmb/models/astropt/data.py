@@ -59,8 +59,11 @@ def rgb_patches(image_struct: dict | None, size: int, patch: int) -> torch.Tenso
 
 
 def spectrum_patches(values: np.ndarray, valid: np.ndarray, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to a multiple of `patch` with zeros; a patch is valid when all its real pixels are."""
+    """Pad to a multiple of `patch` with zeros; a patch is valid when all its real pixels are (`valid`:
+    one truth value per pixel, of any dtype)."""
     size = len(values)
+    if len(valid) != size:
+        raise ValueError(f"spectrum_patches: {size} values but {len(valid)} validity flags")
     padded = np.zeros(size + (-size) % patch, values.dtype)
     padded[:size] = values
     mask = np.ones(len(padded) // patch, bool)
