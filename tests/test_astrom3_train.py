@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -311,3 +314,25 @@ def test_clip_trains_on_the_pairs_each_object_has_and_embeds_what_is_present(mon
         absent = source.column(column).is_null().to_pylist()
         assert embedded.column(f"embedding_{modality}").is_null().to_pylist() == absent
     assert embedded.column("embedding_joint").null_count == 0  # metadata is there for every object
+
+
+def test_incomplete_benchmark_rerun_into_the_same_out_trains_afresh(tmp_path):
+    # A rerun used to meet the first run's case folders (refused) or, with another --objects or --seed,
+    # train on the data the first run wrote while its header named the new options.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+
+    def table(*options: str) -> list[str]:
+        done = subprocess.run([sys.executable, "benchmarks/astrom3_incomplete.py", "--out", str(tmp_path / "out"),
+                               "--steps", "1", "--seeds", "1", *options], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return [line for line in done.stdout.splitlines() if line.startswith("| ")]
+
+    first = table("--objects", "120")
+    assert len(first) == 1 + 8 and table("--objects", "120") == first
+    table("--objects", "96", "--seed", "1")
+    written = sum(pq.read_metadata(f).num_rows for f in (tmp_path / "out" / "003" / "data" / "complete").glob("*.parquet"))
+    assert written == 96
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["001", "002", "003"]
