@@ -7,6 +7,10 @@ synthetic objects (the same objects in every case: the missing-value masks have 
 stream), for each of `--seeds` training seeds, and reports the validation accuracy at the last
 step, mean +- standard deviation over seeds.
 
+Each invocation writes its data and runs into a new numbered folder under `--out` (001, 002, ...),
+so running again into the same `--out` trains afresh on freshly written data and prints the same
+table as a first run would, whatever options the earlier runs had.
+
     python benchmarks/astrom3_incomplete.py --out /tmp/a3missing
 """
 
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from steps import parse_with_threads
+from steps import fresh_folder, parse_with_threads
 
 from fmb.models import write_synthetic
 from fmb.models.astrom3.trainer import AstroM3Trainer
@@ -39,7 +43,8 @@ CASES: dict[str, tuple[str, dict[str, float], list[str], bool]] = {
 
 
 def dataset(root: Path, objects: int, seed: int, missing: dict[str, float], drop_metadata: bool) -> Path:
-    """The synthetic files of one case, written once and reused."""
+    """The synthetic files of one case, under this invocation's folder: written once, shared by the cases
+    that read the same files."""
     name = "_".join(f"{k}{v:g}" for k, v in sorted(missing.items())) or "complete"
     path = root / (f"{name}_nometa" if drop_metadata else name)
     if not path.is_dir():
@@ -71,12 +76,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="training seeds per case")
     args = parse_with_threads(parser)
     start = time.perf_counter()
+    root = fresh_folder(args.out)
     print(f"synthetic AstroM3, {args.objects} objects, {args.steps} steps from scratch, validation accuracy at the "
-          f"last step over training seeds {args.seed}..{args.seed + args.seeds - 1}")
+          f"last step over training seeds {args.seed}..{args.seed + args.seeds - 1} (data and runs in {root})")
     print("| case | validation accuracy | per seed |\n|---|---|---|")
     for i, (name, (mode, missing, extra, drop_metadata)) in enumerate(CASES.items()):
-        data = dataset(args.out / "data", args.objects, args.seed, missing, drop_metadata)
-        values = np.array([final_accuracy(args.out / f"case{i}_seed{seed}", data, mode, args.steps, seed, extra)
+        data = dataset(root / "data", args.objects, args.seed, missing, drop_metadata)
+        values = np.array([final_accuracy(root / f"case{i}_seed{seed}", data, mode, args.steps, seed, extra)
                            for seed in range(args.seed, args.seed + args.seeds)])
         print(f"| {name} | {values.mean():.3f} +- {values.std():.3f} | {', '.join(f'{v:.3f}' for v in values)} |",
               flush=True)

@@ -7,6 +7,11 @@ checkpoint and from scratch, with identical settings, for each of `--seeds` fine
 report the test accuracy and macro-F1 of each run's best validation checkpoint, and their
 means. Uses the demo recipe's small model.
 
+The data and the CLIP run live in a folder under `--out` named by every option they depend on
+(`--objects`, `--seed`, `--clip-steps`) and are reused by a later invocation with the same ones (an
+interrupted CLIP run is resumed); the fine-tuning runs of each invocation go to a new numbered
+folder under `--out` (001, 002, ...), so other labels or seeds can be tried on the same CLIP run.
+
     python benchmarks/astrom3_paper_claim.py --out runs/astrom3-claim
 """
 
@@ -14,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from steps import parse_with_threads
+from steps import fresh_folder, parse_with_threads
 
 from fmb.models import get_family, write_synthetic
 from fmb.models.astrom3.trainer import AstroM3Trainer, classification_metrics
@@ -28,11 +34,11 @@ from fmb.train.checkpoint import step_dirname
 from fmb.train.embed import EmbedOptions, run_embed
 
 
-def train(out: Path, sets: list[str]) -> Path:
+def train(out: Path, sets: list[str], resume: bool = False) -> Path:
     config, _ = load_run_config(RunRequest(model="astrom3", config_files=[], sets=sets, flags={"out": str(out)},
                                            demo=True), AstroM3Trainer.config_cls)
     config.train.progress = False
-    AstroM3Trainer(config).fit()
+    AstroM3Trainer(config).fit(resume=resume)
     return out
 
 
@@ -60,13 +66,19 @@ def main() -> None:
     args = parse_with_threads(parser)
     start = time.perf_counter()
 
-    data = args.out / "data"
-    if not (data / "train-00000-of-00001.parquet").is_file():
-        write_synthetic("astrom3", data, args.objects, args.seed)
+    shared = args.out / f"clip_{args.objects}objects_seed{args.seed}_{args.clip_steps}steps"
+    data = shared / "data"
+    if not data.is_dir():  # written under another name first: a half-written folder is never reused
+        partial = shared / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        write_synthetic("astrom3", partial, args.objects, args.seed)
+        partial.rename(data)
     common = [f"data.path={data}", f"train.seed={args.seed}"]
-    clip = args.out / "clip"
+    clip = shared / "clip"
     if not (clip / "checkpoints" / step_dirname(args.clip_steps)).is_dir():  # reuse a finished CLIP run
-        train(clip, [*common, f"train.max_steps={args.clip_steps}", f"train.checkpoint.every={args.clip_steps}"])
+        train(clip, [*common, f"train.max_steps={args.clip_steps}", f"train.checkpoint.every={args.clip_steps}"],
+              resume=True)
+    runs = fresh_folder(args.out)
     finetune = [f"data.path={data}", "model.mode=photo", f"data.label_fraction={args.label_fraction}",
                 "train.batch_size=32", f"train.max_steps={args.finetune_steps}", "train.eval_every=15",
                 "train.log_every=15", "train.checkpoint.every=15", "train.checkpoint.keep_last=1",
@@ -76,7 +88,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
     for seed in range(args.seed, args.seed + args.seeds):
         for name, extra in arms.items():
-            run = train(args.out / f"{name}_seed{seed}", [*finetune, *extra, f"train.seed={seed}"])
+            run = train(runs / f"{name}_seed{seed}", [*finetune, *extra, f"train.seed={seed}"])
             scores = test_scores(run, data, classes)
             scores["best_val_accuracy"] = json.loads((run / "checkpoints" / "best.json").read_text())["value"]
             results[name].append(scores)
@@ -85,7 +97,7 @@ def main() -> None:
     n_labels = len(pq.read_table(data / "train-00000-of-00001.parquet", columns=["label"]))
     print(f"synthetic AstroM3, {args.objects} objects, photometry classifier on {args.label_fraction:.0%} of "
           f"{n_labels} training labels, CLIP {args.clip_steps} steps, fine-tune {args.finetune_steps} steps, "
-          f"{args.seeds} seeds, {elapsed:.0f} s")
+          f"{args.seeds} seeds, {elapsed:.0f} s (CLIP run in {clip}, fine-tuning runs in {runs})")
     for name, runs in results.items():
         for key in ("accuracy", "macro_f1", "best_val_accuracy"):
             values = np.array([r[key] for r in runs])

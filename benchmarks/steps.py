@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts (run as `python benchmarks/<name>.py`, which puts this folder on
 sys.path): one optimizer step of a model, paired, interleaved timing rounds, the peak resident
-memory of a command, and the `--threads` command line of the CPU training benchmarks."""
+memory of a command, the `--threads` command line of the CPU training benchmarks, and a fresh
+output folder for each invocation."""
 
 from __future__ import annotations
 
@@ -70,6 +71,22 @@ def parse_with_threads(parser: argparse.ArgumentParser) -> argparse.Namespace:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     return args
+
+
+def fresh_folder(out: Path) -> Path:
+    """A new numbered folder under `out` (001, 002, ...) for one invocation: a rerun into the same
+    `--out` (with the same or other options) never meets the runs or data of an earlier one, which
+    the trainer would refuse, or a benchmark would silently read as its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.name) for p in out.iterdir() if p.name.isdigit()), default=0)
+    while True:
+        folder = out / f"{number:03d}"
+        try:
+            folder.mkdir()
+        except FileExistsError:  # another invocation took it first
+            number += 1
+            continue
+        return folder
 
 
 # Started by a small launcher process: a child started straight from a benchmark script reports the
