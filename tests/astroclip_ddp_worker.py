@@ -5,6 +5,7 @@ import sys
 import torch
 
 from fmb.models.astroclip.trainer import AstroCLIPConfig, AstroCLIPTrainer
+from fmb.train.distributed import exit_process
 from tests.test_astroclip import tiny_config
 
 
@@ -16,4 +17,4 @@ def run_config(out, h5) -> AstroCLIPConfig:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    AstroCLIPTrainer(run_config(sys.argv[1], sys.argv[2])).fit()
+    exit_process(AstroCLIPTrainer(run_config(sys.argv[1], sys.argv[2])).fit().exit_code)

@@ -4,10 +4,10 @@ resumes the run's checkpoint and prints one validation's figures as JSON."""
 
 import argparse
 import json
-import sys
 
 import torch
 
+from fmb.train.distributed import exit_process
 from tests.toy import ToyTrainer, toy_config
 
 if __name__ == "__main__":
@@ -36,7 +36,7 @@ if __name__ == "__main__":
         finally:
             trainer.close()
         print("VALIDATION " + json.dumps(metrics))
-        sys.exit(0)
+        exit_process(0)
     result = trainer.fit(resume=args.resume)
     print(f"rank {trainer.dist.rank} done: {result.status} step {result.step} val {result.metrics}")
-    sys.exit(result.exit_code)
+    exit_process(result.exit_code)

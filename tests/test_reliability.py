@@ -163,6 +163,20 @@ for directory, umask in zip(sys.argv[1::2], sys.argv[2::2]):
         assert (tmp_path / "c" / file).stat().st_mode & 0o777 == 0o664, file
 
 
+def test_a_process_that_joined_a_group_exits_with_its_code_and_flushed_output():
+    """After a multi-process run the process ends without the interpreter's shutdown (exit_process):
+    the code and everything printed must still come out, as with sys.exit."""
+    code = ("import fmb.train.distributed as d; d._JOINED = True; import logging, sys; "
+            "logging.basicConfig(stream=sys.stderr); print('kept', end=''); logging.warning('logged'); "
+            "sys.stderr.write('err'); d.exit_process({})")
+    for argument, returncode in (("3", 3), ("None", 0), ("'a message'", 1)):
+        done = subprocess.run([sys.executable, "-c", code.format(argument)], env=rank_env(None, 1, 0), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == returncode and done.stdout == "kept"
+        assert "logged" in done.stderr and "err" in done.stderr
+        assert ("a message" in done.stderr) == (returncode == 1)
+
+
 # ----------------------------------------------------------------------------- validation and status
 
 

@@ -569,15 +569,20 @@ def doctor(paths: PathsOpt = None) -> None:
 
 
 def main() -> None:
+    from fmb.train.distributed import exit_process
+
     debug = "--debug" in sys.argv
+    code: int | str | None = EXIT_OK
     try:
         app(prog_name="fmb")
+    except SystemExit as exc:  # how typer ends every command
+        code = exc.code
     except FmbError as exc:
         if debug:
             raise
         typer.echo(f"fmb: error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except KeyboardInterrupt:
         typer.echo("fmb: interrupted", err=True)
-        sys.exit(EXIT_RUNTIME)
-    sys.exit(EXIT_OK)
+        code = EXIT_RUNTIME
+    exit_process(code)
