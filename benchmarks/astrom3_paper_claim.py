@@ -78,7 +78,7 @@ def main() -> None:
     if not (clip / "checkpoints" / step_dirname(args.clip_steps)).is_dir():  # reuse a finished CLIP run
         train(clip, [*common, f"train.max_steps={args.clip_steps}", f"train.checkpoint.every={args.clip_steps}"],
               resume=True)
-    runs = fresh_folder(args.out)
+    finetune_root = fresh_folder(args.out)
     finetune = [f"data.path={data}", "model.mode=photo", f"data.label_fraction={args.label_fraction}",
                 "train.batch_size=32", f"train.max_steps={args.finetune_steps}", "train.eval_every=15",
                 "train.log_every=15", "train.checkpoint.every=15", "train.checkpoint.keep_last=1",
@@ -88,7 +88,7 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in arms}
     for seed in range(args.seed, args.seed + args.seeds):
         for name, extra in arms.items():
-            run = train(runs / f"{name}_seed{seed}", [*finetune, *extra, f"train.seed={seed}"])
+            run = train(finetune_root / f"{name}_seed{seed}", [*finetune, *extra, f"train.seed={seed}"])
             scores = test_scores(run, data, classes)
             scores["best_val_accuracy"] = json.loads((run / "checkpoints" / "best.json").read_text())["value"]
             results[name].append(scores)
@@ -97,7 +97,7 @@ def main() -> None:
     n_labels = len(pq.read_table(data / "train-00000-of-00001.parquet", columns=["label"]))
     print(f"synthetic AstroM3, {args.objects} objects, photometry classifier on {args.label_fraction:.0%} of "
           f"{n_labels} training labels, CLIP {args.clip_steps} steps, fine-tune {args.finetune_steps} steps, "
-          f"{args.seeds} seeds, {elapsed:.0f} s (CLIP run in {clip}, fine-tuning runs in {runs})")
+          f"{args.seeds} seeds, {elapsed:.0f} s (CLIP run in {clip}, fine-tuning runs in {finetune_root})")
     for name, runs in results.items():
         for key in ("accuracy", "macro_f1", "best_val_accuracy"):
             values = np.array([r[key] for r in runs])

@@ -95,9 +95,10 @@ def read_truth(path: str, id_column: str) -> Catalog:
             ids.append(id_values(columns[id_column], file, id_column))
             labels.append(normal_labels(columns[TRUTH_COLUMN]))
             origins.append(np.full(len(ids[-1]), file.name, dtype=object))
-            kinds = ["text" if i.dtype == object else "integer" for i in (ids[0], ids[-1])]
-            if kinds[0] != kinds[1]:
-                raise DataError(f"{file}: id column '{id_column}' holds {kinds[1]} ids where {files[0]} holds {kinds[0]} ids")
+            if ids[-1].dtype != ids[0].dtype:  # id_values gives int64 or text (object) ids
+                kind = {True: "text", False: "integer"}
+                raise DataError(f"{file}: id column '{id_column}' holds {kind[ids[-1].dtype == object]} ids where "
+                                f"{files[0]} holds {kind[ids[0].dtype == object]} ids")
         all_ids, all_labels = np.concatenate(ids), np.concatenate(labels)
         check_unique(all_ids, root, id_column, np.concatenate(origins))
         missing = int(sum(v is None for v in all_labels))

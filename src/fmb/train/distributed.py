@@ -20,6 +20,8 @@ import torch.distributed as dist
 
 from fmb.errors import ConfigError
 
+_JOINED = False  # whether this process ever joined a process group (init_distributed; see exit_process)
+
 
 @dataclass
 class DistInfo:
@@ -89,8 +91,6 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-_JOINED = False  # whether this process ever joined a process group (init_distributed)
 
 
 def exit_process(code: int | str | None) -> NoReturn:
